@@ -1,0 +1,32 @@
+# cratelm: `make demo` runs the main job, `make test` runs the tests. Each sets itself up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (the CI machines hold it on disk). On a GPU machine set
+# TORCH_SPEC to the CUDA build you want, e.g. `make demo TORCH_SPEC=torch==2.11.0`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-gpu demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m cuda
+
+demo: setup
+	$(PY) -m cratelm.demo $(DEMO_ARGS)
+
+bench: setup
+	$(PY) -m cratelm bench --config configs/model/crate-gpt2-base.yaml
+
+clean:
+	rm -rf $(VENV) demo

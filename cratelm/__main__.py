@@ -1,0 +1,5 @@
+import sys
+
+from cratelm.cli import main
+
+sys.exit(main())

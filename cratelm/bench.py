@@ -1,0 +1,131 @@
+"""``cratelm bench``: time a forward + backward + AdamW step of a model, bare (no DeepSpeed).
+
+Prints one markdown row per variant: tokens/s, model TFLOP/s (FLOPs counted explicitly by
+cratelm.model.accounting), MFU against a matmul rate measured on the same device in the
+same run (bf16 on CUDA, the run's dtype on CPU), and peak memory.
+
+    cratelm bench --config configs/model/crate-gpt2-base.yaml --batch 16 --dtype bf16   # one GPU
+    cratelm bench --config configs/model/tiny.yaml --variants fast,authors --dtype fp32   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from cratelm.commands import add_config_arguments, config_from_args
+from cratelm.config import ModelConfig
+from cratelm.model import CrateLM, flops_per_token
+
+# variant -> model config changes. "authors" is the authors' formulation: explicit attention
+# and the three-matmul ISTA; "fast" is cratelm's default path.
+VARIANTS: dict[str, dict] = {
+    "fast": {},
+    "authors": {"attn_backend": "reference", "ista_impl": "authors", "loss_impl": "plain"},
+    "gpt2": {"arch": "gpt2", "attn_backend": "sdpa", "ista_impl": "torch"},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 20) -> float:
+    """The measured dense matmul rate (TFLOP/s) of this device: the MFU denominator."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def bench_model(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                steps: int = 10, warmup: int = 3, compile: bool = False) -> dict[str, float]:
+    """Mean time of a training step (forward, backward, AdamW) after ``warmup`` steps."""
+    model = CrateLM(cfg, seed=0).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_model = torch.compile(model) if compile else model
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step() -> None:
+        with autocast:
+            loss = step_model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    tokens = batch * seq_len
+    out = {"step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+           "tflops": flops_per_token(cfg, seq_len) * tokens / dt / 1e12}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--variants", default="fast,authors,gpt2", help=f"comma list of {sorted(VARIANTS)}")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="default: model.context")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args).model
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    T = args.seq_len or cfg.context
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else dtype
+    peak = matmul_tflops(device, peak_dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; measured {str(peak_dtype).split('.')[-1]} matmul rate {peak:.2f} TFLOP/s; "
+          f"{dtype_name}, batch {args.batch}, T {T}, d {cfg.d_model}, L {cfg.n_layer}, compile={args.compile}\n")
+    print("| variant | tokens/s | step ms | model TFLOP/s | MFU | peak mem GiB |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
+        vcfg = dataclasses.replace(cfg, **VARIANTS[v])
+        r = bench_model(vcfg, args.batch, T, dtype, device, args.steps, args.warmup, args.compile)
+        r |= {"variant": v, "mfu": r["tflops"] / peak, "peak_matmul_tflops": peak, "device": name, "dtype": dtype_name}
+        rows.append(r)
+        mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
+        print(f"| {v} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.3f} | {r['mfu']:.3f} | {mem} |",
+              flush=True)
+    if len(rows) > 1 and rows[0]["variant"] == "fast" and any(r["variant"] == "authors" for r in rows):
+        authors = next(r for r in rows if r["variant"] == "authors")
+        print(f"\nfast / authors speed-up: {rows[0]['tokens_per_s'] / authors['tokens_per_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0

@@ -1,0 +1,53 @@
+"""Attention backends behind one switch.
+
+Notation: B batch, H heads, T tokens, p head width. CRATE's MSSA uses ONE tensor
+``w`` (B, H, T, p) as query, key and value; GPT-2 uses separate q, k, v.
+
+Every backend module is imported lazily (flash-attn and triton are optional) and exposes
+``attention(w, causal=True)`` for the tied case. Backends that also serve GPT-2 expose
+``attention_qkv(q, k, v, causal=True)``. The softmax scale is always 1/sqrt(p).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# name -> module implementing it. `reference` is the ground truth the tests compare to.
+BACKENDS: dict[str, str] = {
+    "reference": "cratelm.kernels.reference",
+    "sdpa": "cratelm.kernels.sdpa",
+    "flash": "cratelm.kernels.flash",
+    "triton": "cratelm.kernels.triton_mssa",
+}
+
+
+def get_backend(name: str) -> ModuleType:
+    """Import and return the module of backend ``name``; a clear error otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError as e:
+        raise RuntimeError(f"attention backend {name!r} is not available: {e}") from e
+
+
+def attention(w: "torch.Tensor", backend: str = "sdpa", causal: bool = True) -> "torch.Tensor":
+    """Softmax attention with ``w`` (B, H, T, p) used as query, key and value."""
+    if w.dim() != 4:
+        raise ValueError(f"attention expects w of shape (B, H, T, p), got {tuple(w.shape)}")
+    return get_backend(backend).attention(w, causal=causal)
+
+
+def attention_qkv(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor",
+                  backend: str = "sdpa", causal: bool = True) -> "torch.Tensor":
+    """Ordinary attention with separate q, k, v (B, H, T, p), for the GPT-2 baseline."""
+    mod = get_backend(backend)
+    if not hasattr(mod, "attention_qkv"):
+        raise ValueError(f"attention backend {backend!r} only supports tied q=k=v (CRATE); "
+                         "use 'sdpa', 'flash' or 'reference' for gpt2")
+    return mod.attention_qkv(q, k, v, causal=causal)

@@ -1,0 +1,64 @@
+"""The GPT-2 block, the baseline CRATE is compared against on the same data and hardware.
+
+Legend: B batch, T tokens, d width, H heads, p = d / H.
+
+    x = x + W_o attn(q, k, v of LN1(x))     separate q, k, v projections (with bias)
+    x = x + W_2 GELU(W_1 LN2(x))            MLP of width mlp_ratio * d (GPT-2's tanh GELU)
+    a final LayerNorm before the tied head
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cratelm.config import ModelConfig
+from cratelm.kernels import attention_qkv
+from cratelm.model.mssa import TokenCache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_head, self.head_dim, self.backend = cfg.n_head, cfg.head_dim, cfg.attn_backend
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, p)
+                   for t in self.qkv(x).split(d, dim=2))
+        backend = self.backend
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+            backend = "reference" if backend == "reference" else "sdpa"
+        y = attention_qkv(q, k, v, backend=backend, causal=True)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, d)))
+
+
+class GPT2Block(nn.Module):
+    """x + attn(LN1(x)), then + MLP(LN2(x))."""
+
+    cache_tensors = 2  # k and v
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.ln1 = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.fc = nn.Linear(d, cfg.mlp_ratio * d)
+        self.mlp_proj = nn.Linear(cfg.mlp_ratio * d, d)
+        self.mlp_drop = nn.Dropout(cfg.dropout)
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """Projections into the residual stream (initialised with std / sqrt(2L), as GPT-2)."""
+        return [self.attn.proj, self.mlp_proj]
+
+    def forward(self, x: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp_drop(self.mlp_proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh")))
+

@@ -1,0 +1,81 @@
+"""MSSA: multi-head subspace self-attention, CRATE's compression step.
+
+Legend: B batch, T tokens, d width, K heads (= subspaces), p = d / K head width.
+
+One projection U (d x d, no bias) gives each token's coordinates in the K subspaces,
+and those coordinates are the query, the key AND the value (the authors' ``c_attn``)::
+
+    u   = z U^T                                    (B, T, d) -> (B, K, T, p)
+    y_k = softmax(u_k u_k^T / sqrt(p), causal) u_k  one head per subspace
+    out = concat_k(y_k) W_o^T + b_o                (the authors' ``c_proj``)
+
+so ``x + MSSA(LN(x))`` is a gradient step that compresses the tokens against the subspaces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from cratelm.config import ModelConfig
+from cratelm.kernels import attention, attention_qkv
+
+
+class MSSA(nn.Module):
+    """u = z U^T; y_k = softmax(u_k u_k^T / sqrt(p)) u_k; out = concat(y) W_o^T + b_o."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.backend = cfg.attn_backend
+        self.U = nn.Linear(d, d, bias=False)      # ONE projection: query = key = value
+        self.proj = nn.Linear(d, d, bias=True)    # W_o, b_o
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """The tokens' subspace coordinates, (B, T, d) -> (B, K, T, p)."""
+        B, T, _ = z.shape
+        return self.U(z).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+    def forward(self, z: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
+        w = self.project(z)                                    # (B, K, T, p)
+        if cache is None:
+            y = attention(w, backend=self.backend, causal=True)
+        else:
+            # generation: ONE cached tensor per layer serves as both keys and values
+            (w_all,) = cache.extend(layer, w)
+            y = attention_qkv(w, w_all, w_all, backend="reference" if self.backend == "reference" else "sdpa")
+        B, K, T, p = y.shape
+        y = y.transpose(1, 2).reshape(B, T, K * p)             # concat heads
+        return self.resid_drop(self.proj(y))
+
+
+class TokenCache:
+    """Preallocated per-layer cache for incremental decoding.
+
+    CRATE stores ONE tensor per layer (u, used as key and value); GPT-2 stores two (k, v).
+    ``extend`` writes the new tokens at the current position and returns views over
+    everything cached so far; ``advance`` moves the position after all layers ran.
+    """
+
+    def __init__(self, n_layer: int, n_tensors: int, batch: int, n_head: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (n_tensors, batch, n_head, max_len, head_dim)
+        self.buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len, self.pos = max_len, 0
+
+    def extend(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = new[0].shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; cannot add {T} at position {self.pos}")
+        buf = self.buffers[layer]
+        for i, t in enumerate(new):
+            buf[i, :, :, self.pos:self.pos + T] = t
+        return tuple(buf[i, :, :, :self.pos + T] for i in range(len(new)))
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
