@@ -1,0 +1,197 @@
+"""``cratelm eval``: perplexity of a model on token shards or raw text.
+
+What is scored (the same definition for every corpus; see README "Evaluation"). The data
+is one token stream t_0 .. t_{N-1} (documents concatenated, each followed by EOS). Every
+token after the first is scored exactly once. A window holds C = model.context input
+tokens t_b .. t_{b+C-1} and predicts t_{b+1} .. t_{b+C}; windows start at b = 0, S, 2S, ...
+for a stride S <= C, and each window scores only the targets no earlier window scored, so
+with S < C every scored token sees at least C - S tokens of context (a sliding window).
+The default S = C gives non-overlapping windows: token i is predicted from tokens
+floor((i-1)/C)*C .. i-1.
+
+Reported per corpus: tokens scored, mean cross-entropy (nats/token), perplexity
+exp(loss), and bits per byte = total nats / ln 2 / UTF-8 bytes (when the byte count is
+known: raw text, and shards whose meta.json records it).
+
+    cratelm eval --checkpoint runs/demo/export --data data/stdlib/val.bin wiki.txt --json out.json
+    torchrun --nproc_per_node 2 -m cratelm eval --checkpoint ... --data ...   # split over ranks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class EvalResult:
+    data: str
+    tokens: int
+    loss: float
+    perplexity: float
+    bits_per_byte: float | None
+
+
+def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """Yield (begin, end, first_scored) per window: inputs t[begin:end], targets t[begin+1:end+1],
+    scored targets from window position ``first_scored`` on."""
+    if not 0 < stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    begin, scored_upto = 0, 0          # targets t_1 .. t_{scored_upto} are done
+    while scored_upto < n_tokens - 1:
+        end = min(begin + context, n_tokens - 1)
+        yield begin, end, scored_upto - begin
+        scored_upto = end
+        begin += stride
+
+
+@torch.no_grad()
+def score_stream(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, context: int, stride: int,
+                 batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 rank: int = 0, world: int = 1, progress: bool = False) -> tuple[float, int]:
+    """(sum of NLL in nats as float64, tokens scored) over this rank's share of the windows."""
+    from tqdm import tqdm
+
+    spans = list(windows(len(tokens), context, stride))[rank::world]
+    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    total, count = 0.0, 0
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    bar = tqdm(total=len(spans), desc="eval windows", unit="win", disable=not progress, leave=False)
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i:i + batch_size]
+        width = max(end - begin for begin, end, _ in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), -1, dtype=torch.long)       # -1: not scored
+        for row, (begin, end, first) in enumerate(chunk):
+            n = end - begin
+            x[row, :n] = stream[begin:end]
+            y[row, first:n] = stream[begin + 1 + first:end + 1]
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits = model(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+        total += nll.double().sum().item()
+        count += int((y >= 0).sum())
+        bar.update(len(chunk))
+    bar.close()
+    return total, count
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises a gloo/nccl group when launched with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int | None, str]:
+    """The token stream of a shard (``.bin``) or raw text file, its byte count, and a label."""
+    from cratelm.data import IndexedTokens
+
+    p = Path(path)
+    if p.suffix == ".bin" or (p.with_suffix(".idx").exists() and p.suffix != ".txt"):
+        shard = IndexedTokens(str(p))
+        want, have = model_meta.get("tokenizer_sha256"), shard.meta.get("tokenizer_sha256")
+        if want and have and want != have:
+            raise ValueError(f"{path} was tokenized with a tokenizer of sha256 {have}, but the model's tokenizer "
+                             f"has sha256 {want}; re-tokenize the data with the model's tokenizer")
+        split = shard.meta.get("splits", {}).get(p.stem, {})
+        return np.asarray(shard.tokens), split.get("num_bytes"), str(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such shard or text file")
+    if tokenizer is None:
+        raise ValueError(f"{path} is raw text but the model records no tokenizer; pass --tokenizer")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    ids = tokenizer.encode(text) + [tokenizer.eos_id]
+    return np.asarray(ids, dtype=np.int64), len(text.encode("utf-8")), str(p)
+
+
+def evaluate(model: torch.nn.Module, data: list[str], model_meta: dict, tokenizer=None, stride: int | None = None,
+             batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             progress: bool = True) -> list[EvalResult]:
+    """Score each corpus in ``data``; results are reduced over ranks when distributed."""
+    rank, world = _dist()
+    C = model.cfg.context
+    results = []
+    for path in data:
+        tokens, n_bytes, label = load_tokens(path, tokenizer, model_meta)
+        if tokens.max(initial=0) >= model.cfg.padded_vocab:
+            raise ValueError(f"{path} holds token id {int(tokens.max())} but the model's vocabulary has "
+                             f"{model.cfg.padded_vocab} rows")
+        nll, n = score_stream(model, tokens, C, stride or C, batch_size, device, dtype, rank, world,
+                              progress and rank == 0)
+        nll, n = _all_sum([nll, float(n)])
+        loss = nll / n
+        bpb = nll / math.log(2) / n_bytes if n_bytes else None
+        results.append(EvalResult(label, int(n), loss, math.exp(loss), bpb))
+    return results
+
+
+def markdown(results: list[EvalResult]) -> str:
+    rows = ["| data | tokens | loss (nats/token) | perplexity | bits/byte |", "|---|---|---|---|---|"]
+    for r in results:
+        bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
+        rows.append(f"| {r.data} | {r.tokens:,} | {r.loss:.4f} | {r.perplexity:.3f} | {bpb} |")
+    return "\n".join(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="exported model dir, training run/checkpoint dir, or an authors' CRATE-GPT .pt file")
+    p.add_argument("--data", nargs="+", required=True, help="token shards (dir/val.bin) and/or UTF-8 text files")
+    p.add_argument("--stride", type=int, default=None, help="window stride S (default: the context C)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model for raw text (default: the checkpoint's)")
+    p.add_argument("--json", default=None, help="write {'results': [...]} here")
+    p.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cratelm.model.io import load_model
+
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device != "cpu" else "fp32")]
+    model, meta = load_model(args.checkpoint, device)
+    tokenizer = None
+    tok_path = args.tokenizer or meta.get("tokenizer")
+    if tok_path:
+        from cratelm.data import Tokenizer
+
+        tokenizer = Tokenizer(tok_path)
+        if args.tokenizer:
+            meta = {**meta, "tokenizer_sha256": tokenizer.sha256}
+    results = evaluate(model, args.data, meta, tokenizer, args.stride, args.batch_size, device, dtype)
+    if _dist()[0] == 0:
+        print(markdown(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint),
+                                                   "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    return 0
