@@ -25,7 +25,7 @@ import yaml
 
 ARCHS = ("crate-gpt", "crate-lm", "crate-alpha", "gpt2")
 ATTN_BACKENDS = ("reference", "sdpa", "flash", "triton")
-ISTA_IMPLS = ("torch", "authors", "triton", "compile")
+ISTA_IMPLS = ("torch", "authors", "fused", "triton", "compile")
 LOSS_IMPLS = ("plain", "chunked", "liger")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -76,8 +76,8 @@ class ModelConfig:
     attn_backend: str = "sdpa"
     """Attention kernel: reference, sdpa, flash or triton (see cratelm.kernels)."""
     ista_impl: str = "torch"
-    """ISTA kernel: torch (two matmuls), authors (their three matmuls), triton, or compile."""
-    loss_impl: str = "plain"
+    """ISTA kernel: torch (two matmuls), authors (their three), fused (addmm epilogues), triton, or compile."""
+    loss_impl: str = "chunked"
     """LM head + cross-entropy: plain (full logits), chunked (never materialises them), liger."""
 
     def __post_init__(self) -> None:

@@ -24,38 +24,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cratelm.config import ModelConfig
-
-
-def ista_complete_torch(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float) -> torch.Tensor:
-    """ReLU(z + eta (z - z W^T) W - eta lambda) with two matmuls."""
-    residual = z - F.linear(z, W)                # z - z W^T
-    return F.relu(z + eta * (residual @ W) - eta * lmbda)
-
-
-def ista_complete_authors(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float) -> torch.Tensor:
-    """The authors' three-matmul form, kept for benchmarks and as a cross-check."""
-    x1 = F.linear(z, W)                          # z W^T
-    grad_1 = F.linear(x1, W.t())                 # z W^T W
-    grad_2 = F.linear(z, W.t())                  # z W
-    return F.relu(z + eta * (grad_2 - grad_1) - eta * lmbda)
-
-
-def ista_overcomplete_torch(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float, steps: int) -> torch.Tensor:
-    """The sparse code c (N, m) after ``steps`` ISTA iterations from zero."""
-    a = F.linear(z, W)                           # z W^T, (N, m), reused by the first step
-    c = F.relu(eta * a - eta * lmbda)
-    for _ in range(steps - 1):
-        c = F.relu(c + eta * F.linear(z - c @ W, W) - eta * lmbda)
-    return c
-
-
-def _fused(impl: str):
-    # the Triton / torch.compile paths live with the kernels; imported only when asked for
-    from cratelm.kernels import ista as kernels_ista
-    return kernels_ista
+from cratelm.kernels.ista import ista_complete, ista_complete_authors, ista_overcomplete
 
 
 class ISTA(nn.Module):
@@ -81,15 +52,11 @@ class ISTA(nn.Module):
     def code(self, z: torch.Tensor) -> torch.Tensor:
         """The sparse code: the block output itself for crate-gpt, c (B, T, m) otherwise."""
         if self.complete:
-            if self.impl == "torch":
-                return ista_complete_torch(z, self.weight, self.eta, self.lmbda)
             if self.impl == "authors":
                 return ista_complete_authors(z, self.weight, self.eta, self.lmbda)
-            return _fused(self.impl).ista_complete(z, self.weight, self.eta, self.lmbda, impl=self.impl)
-        if self.impl in ("torch", "authors"):
-            return ista_overcomplete_torch(z, self.weight, self.eta, self.lmbda, self.steps)
-        return _fused(self.impl).ista_overcomplete(z, self.weight, self.eta, self.lmbda, steps=self.steps,
-                                                   impl=self.impl)
+            return ista_complete(z, self.weight, self.eta, self.lmbda, impl=self.impl)
+        impl = "torch" if self.impl == "authors" else self.impl   # the authors had no overcomplete form
+        return ista_overcomplete(z, self.weight, self.eta, self.lmbda, steps=self.steps, impl=impl)
 
     def decode(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Back to the residual stream; ``x`` is the block's MSSA output x'."""

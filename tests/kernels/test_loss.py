@@ -1,0 +1,123 @@
+"""The chunked LM-head cross-entropy against the plain one: loss and both gradients."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from cratelm.kernels.loss import LOSS_IMPLS, RECOMMENDED_LOSS_IMPL, default_chunk_rows, lm_head_loss
+
+V, D = 203, 24  # rows 2 x 37 = 74: not a multiple of any chunk below
+
+
+def _data(dtype, seed: int = 0, ignore: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 37, D, generator=g).to(dtype)
+    weight = (torch.randn(V, D, generator=g) * 0.3).to(dtype)
+    targets = torch.randint(0, V, (2, 37), generator=g)
+    if ignore:
+        targets[0, :5] = -1
+        targets[1, 30:] = -1
+    return hidden, weight, targets
+
+
+def _loss_and_grads(impl, hidden, weight, targets, scale=2.5, **kw):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = lm_head_loss(h, w, targets, impl=impl, **kw)
+    (loss * scale).backward()   # grad_output != 1 must scale the stored gradients
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("chunk_rows", [1, 16, 50, None])
+def test_chunked_equals_plain(dtype, tol, chunk_rows):
+    hidden, weight, targets = _data(dtype)
+    want = _loss_and_grads("plain", hidden, weight, targets)
+    got = _loss_and_grads("chunked", hidden, weight, targets, chunk_rows=chunk_rows)
+    for name, a, b in zip(("loss", "grad hidden", "grad weight"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_chunked_matches_a_float64_definition():
+    hidden, weight, targets = _data(torch.float64)
+    logits = hidden.reshape(-1, D) @ weight.t()
+    keep = targets.reshape(-1) != -1
+    lse = torch.logsumexp(logits[keep], -1)
+    want = (lse - logits[keep].gather(1, targets.reshape(-1)[keep, None]).squeeze(1)).mean()
+    torch.testing.assert_close(lm_head_loss(hidden, weight, targets, impl="chunked", chunk_rows=7), want)
+
+
+def test_only_needed_gradients_and_no_grad_mode():
+    hidden, weight, targets = _data(torch.float32)
+    w = weight.clone().requires_grad_()
+    loss = lm_head_loss(hidden, w, targets, impl="chunked", chunk_rows=16)
+    loss.backward()
+    assert hidden.grad is None and w.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(lm_head_loss(hidden, weight, targets, impl="chunked"),
+                                   lm_head_loss(hidden, weight, targets, impl="plain"))
+
+
+def test_all_ignored_behaves_like_plain():
+    hidden, weight, targets = _data(torch.float32)
+    targets[:] = -1
+    for impl in ("plain", "chunked"):
+        loss, gh, gw = _loss_and_grads(impl, hidden, weight, targets)
+        assert torch.isnan(loss) and not gh.any() and not gw.any(), impl
+
+
+def test_default_chunk_rows_and_registry():
+    assert default_chunk_rows(16384, 50304) == 512          # 512 x 50304 logits <= 32M
+    assert default_chunk_rows(10, 50304) == 10
+    assert default_chunk_rows(5, 1 << 30) == 1
+    assert RECOMMENDED_LOSS_IMPL in LOSS_IMPLS and "plain" in LOSS_IMPLS
+
+
+def test_clear_errors():
+    hidden, weight, targets = _data(torch.float32)
+    with pytest.raises(ValueError, match="unknown loss implementation 'fast'"):
+        lm_head_loss(hidden, weight, targets, impl="fast")
+    with pytest.raises(ValueError, match="do not fit"):
+        lm_head_loss(hidden, weight[:, :5], targets)
+    with pytest.raises(RuntimeError, match="impl='liger' needs CUDA"):
+        lm_head_loss(hidden, weight, targets, impl="liger")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["chunked", "liger"])
+def test_bf16_fused_loss_matches_plain_on_gpu(impl):
+    if impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 500, 256, generator=g).cuda()
+    weight = (torch.randn(5000, 256, generator=g) * 0.05).cuda()
+    targets = torch.randint(0, 5000, (4, 500), generator=g).cuda()
+    targets[:, :7] = -1
+    want = _loss_and_grads("plain", hidden, weight, targets)                       # fp32 judge
+    plain = _loss_and_grads("plain", hidden.bfloat16(), weight.bfloat16(), targets)
+    got = _loss_and_grads(impl, hidden.bfloat16(), weight.bfloat16(), targets)
+    for name, a, p, w in zip(("loss", "grad hidden", "grad weight"), got, plain, want):
+        err = (a.float() - w).norm() / w.norm()
+        err_plain = (p.float() - w).norm() / w.norm()
+        assert err <= 2 * err_plain + 1e-3, (name, float(err), float(err_plain))
+
+
+@pytest.mark.cuda
+def test_chunked_peak_memory_is_under_a_quarter_of_plain():
+    """At vocab 50304, N = 16384 rows, d = 768, bf16 (the GPT-2-size LM head)."""
+    N, d, V_big = 16384, 768, 50304
+    hidden = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V_big, d, device="cuda") * 0.02).bfloat16().requires_grad_()
+    targets = torch.randint(0, V_big, (N,), device="cuda")
+    peaks = {}
+    for impl in ("plain", "chunked"):
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        lm_head_loss(hidden, weight, targets, impl=impl).backward()
+        torch.cuda.synchronize()
+        peaks[impl] = torch.cuda.max_memory_allocated() - base
+    assert peaks["chunked"] * 4 <= peaks["plain"], peaks
