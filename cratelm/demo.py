@@ -90,7 +90,7 @@ def plot(metrics_path: Path, png: Path) -> None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     keys = {k for r in records for k in r}
-    layers = sorted({int(k.split("/")[1].removeprefix("layer")) for k in keys if k.startswith("diag/layer")})
+    layers = sorted({int(k.split("/")[1].removeprefix("layer_")) for k in keys if k.startswith("diag/layer_")})
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     ax = axes[0]
     for key, label in (("train/loss", "train"), ("val/loss", "validation")):
@@ -101,11 +101,11 @@ def plot(metrics_path: Path, png: Path) -> None:
     cmap = plt.get_cmap("viridis")
     for i in layers:
         color = cmap(i / max(1, len(layers) - 1))
-        xs, ys = series(f"diag/layer{i}/coding_rate_in")
+        xs, ys = series(f"diag/layer_{i:02d}/coding_rate_in")
         axes[1].plot(xs, ys, color=color, label=f"layer {i} MSSA input")
-        xs, ys = series(f"diag/layer{i}/coding_rate_out")
+        xs, ys = series(f"diag/layer_{i:02d}/coding_rate_out")
         axes[1].plot(xs, ys, color=color, linestyle="--", label=f"layer {i} MSSA output")
-        xs, ys = series(f"diag/layer{i}/sparsity")
+        xs, ys = series(f"diag/layer_{i:02d}/sparsity")
         axes[2].plot(xs, ys, color=color, label=f"layer {i}")
     axes[1].set(title="coding rate R^c per layer (lower = more compressed)", xlabel="step")
     axes[2].set(title="ISTA sparsity per layer (fraction of zeros)", xlabel="step", ylim=(0, 1))
