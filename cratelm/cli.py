@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -40,6 +41,12 @@ def _module(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed -m cratelm train ...` runs `python -m cratelm --local_rank=N train ...`:
+    # take the launcher's argument off the front; DeepSpeed also exports LOCAL_RANK
+    while argv and argv[0].startswith("--local_rank"):
+        flag = argv.pop(0)
+        value = flag.split("=", 1)[1] if "=" in flag else (argv.pop(0) if argv else "0")
+        os.environ.setdefault("LOCAL_RANK", value)
     parser = argparse.ArgumentParser(prog="cratelm", description="Train and evaluate CRATE language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
