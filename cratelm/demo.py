@@ -33,15 +33,15 @@ SIZES = {
     "quick": dict(model=["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.context=64"],
                   train=["train.max_steps=60", "train.micro_batch=8", "train.log_interval=5",
                          "train.eval_interval=30", "train.diag_interval=15", "train.ckpt_interval=30",
-                         "optim.warmup_steps=10"], vocab=1024, max_files=150),
+                         "optim.warmup_steps=10"], vocab=1024, max_files=150, val=8),
     "cpu": dict(model=["model.n_layer=4", "model.d_model=128", "model.n_head=4", "model.context=128"],
                 train=["train.max_steps=500", "train.micro_batch=16", "train.log_interval=10",
                        "train.eval_interval=100", "train.diag_interval=50", "train.ckpt_interval=100",
-                       "optim.warmup_steps=50"], vocab=4096, max_files=None),
+                       "optim.warmup_steps=50"], vocab=4096, max_files=None, val=40),
     "gpu": dict(model=["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.context=256"],
                 train=["train.max_steps=3000", "train.micro_batch=32", "train.log_interval=20",
                        "train.eval_interval=250", "train.diag_interval=250", "train.ckpt_interval=500",
-                       "optim.warmup_steps=200", "train.precision=bf16"], vocab=8192, max_files=None),
+                       "optim.warmup_steps=200", "train.precision=bf16"], vocab=8192, max_files=None, val=40),
 }
 PROMPT = "def fibonacci(n):\n    "
 
@@ -55,14 +55,14 @@ def sh(cmd: list[str], env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
 
 
-def prepare(data_dir: Path, vocab: int, max_files: int | None) -> None:
+def prepare(data_dir: Path, vocab: int, max_files: int | None, val: int) -> None:
     if (data_dir / "meta.json").is_file():
         print(f"{data_dir} is prepared already (delete it to redo)")
         return
     cmd = [sys.executable, "-m", "cratelm", "prepare-data", "--corpus", "python-stdlib", "--out", str(data_dir),
-           "--vocab-size", str(vocab), "--num-proc", str(min(4, os.cpu_count() or 1))]
+           "--vocab-size", str(vocab), "--val", str(val), "--num-proc", str(min(4, os.cpu_count() or 1))]
     if max_files:
-        cmd += ["--max-files", str(max_files)]
+        cmd += ["--max-documents", str(max_files)]
     sh(cmd)
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     step(f"1/6 prepare the python-stdlib corpus -> {data_dir}")
-    prepare(data_dir, size["vocab"], size["max_files"])
+    prepare(data_dir, size["vocab"], size["max_files"], size["val"])
     step(f"2/6 train a {size_name}-size CRATE-GPT through DeepSpeed -> {run_dir}")
     train(run_dir, data_dir, size, gpu)
     step(f"3/6 export the consolidated model -> {model_dir}")

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -119,8 +120,7 @@ def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int
         if want and have and want != have:
             raise ValueError(f"{path} was tokenized with a tokenizer of sha256 {have}, but the model's tokenizer "
                              f"has sha256 {want}; re-tokenize the data with the model's tokenizer")
-        split = shard.meta.get("splits", {}).get(p.stem, {})
-        return np.asarray(shard.tokens), split.get("num_bytes"), str(p)
+        return np.asarray(shard.tokens), shard.meta["splits"][shard.name].get("num_bytes"), str(p)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such shard or text file")
     if tokenizer is None:
@@ -188,7 +188,14 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = Tokenizer(tok_path)
         if args.tokenizer:
             meta = {**meta, "tokenizer_sha256": tokenizer.sha256}
-    results = evaluate(model, args.data, meta, tokenizer, args.stride, args.batch_size, device, dtype)
+    if not meta.get("tokenizer_sha256"):
+        print(f"cratelm eval: note: {args.checkpoint} records no tokenizer; shards are not checked against it",
+              file=sys.stderr)
+    try:
+        results = evaluate(model, args.data, meta, tokenizer, args.stride, args.batch_size, device, dtype)
+    except (ValueError, FileNotFoundError) as e:   # bad data: the message says what and where
+        print(f"cratelm eval: error: {e}", file=sys.stderr)
+        return 2
     if _dist()[0] == 0:
         print(markdown(results))
         if args.json:
