@@ -1,0 +1,127 @@
+"""``cratelm export RUN_OR_CKPT_DIR OUT_DIR``: a consolidated fp32 model from a DeepSpeed checkpoint.
+
+Where the weights come from, by the checkpoint's layout (read from its cratelm.json):
+
+- pipeline (stages > 1): the ``layer_XX-*model_states.pt`` files, one per layer; their
+  names already are CrateLM names (cratelm.train.pipeline) and are merged. They hold the
+  weights in the training dtype (bf16 for a bf16 run: the weights the model computed with).
+- ZeRO 1, 2, 3: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (the fp32 master
+  weights, reassembled from the optimizer partitions of every rank).
+- ZeRO 0: the module state in ``mp_rank_00_model_states.pt`` (fp32 master = model for fp32).
+
+The result is written by ``cratelm.model.io.save_model`` (model.safetensors + config.json
++ the tokenizer recorded by the run), which ``cratelm eval`` / ``generate`` load.
+``load_from_run`` does the same in memory (``cratelm.model.io.load_model`` calls it for a
+run or checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import io
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cratelm.config import model_config_from_dict
+from cratelm.train import checkpoint as ckpt
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - DeepSpeed's own files may hold objects weights_only refuses
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.").replace("_orig_mod.", "")
+        out[k] = v.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def consolidated_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+    """(fp32 CrateLM state dict, the checkpoint's cratelm.json, the checkpoint directory)."""
+    tag_dir = ckpt.resolve(path)
+    meta = ckpt.read_meta(tag_dir)
+    if meta.get("pipeline_stages", 1) > 1:
+        from cratelm.train.pipeline import layer_files_to_crate_state
+
+        files = sorted(glob.glob(str(tag_dir / "layer_*-model_states.pt")) +
+                       glob.glob(str(tag_dir / "layer_*-model_*-model_states.pt")))
+        if not files:
+            raise FileNotFoundError(f"{tag_dir}: pipeline checkpoint without layer_XX-*model_states.pt files")
+        states = {}
+        for f in sorted(set(files)):
+            idx = int(re.match(r"layer_(\d+)", Path(f).name).group(1))  # type: ignore[union-attr]
+            states.setdefault(idx, {}).update(_torch_load(f))
+        state = layer_files_to_crate_state(states)
+    elif meta.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{tag_dir}: no mp_rank_XX_model_states.pt")
+        state = _torch_load(files[0])["module"]
+    return _strip(state), meta, tag_dir
+
+
+def _tokenizer(meta: dict[str, Any], tag_dir: Path) -> str | None:
+    candidates = [meta.get("tokenizer"), tag_dir.parent.parent / "tokenizer.model"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return str(c)
+    return None
+
+
+def load_from_run(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(CrateLM in eval mode with the consolidated fp32 weights, meta) from a run directory or
+    checkpoint directory. meta has "model" (ModelConfig as a dict), "tokenizer" (a path or
+    None), "tokenizer_sha256", "step" and "checkpoint"."""
+    from cratelm.model.crate import CrateLM
+    from cratelm.model.io import _load_state
+
+    state, meta, tag_dir = consolidated_state_dict(path)
+    cfg = model_config_from_dict(meta["model"])
+    model = CrateLM(cfg, seed=None)
+    _load_state(model, state, str(tag_dir))
+    info = {"model": meta["model"], "tokenizer": _tokenizer(meta, tag_dir),
+            "tokenizer_sha256": meta.get("tokenizer_sha256"), "step": meta.get("step"),
+            "checkpoint": str(tag_dir)}
+    return model.to(device).eval(), info
+
+
+def export(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the exported model directory of the checkpoint ``path`` to ``out_dir``."""
+    from cratelm.model.io import save_model
+
+    model, info = load_from_run(path)
+    return save_model(model, model.cfg, out_dir, tokenizer=info["tokenizer"],
+                      extra={"source_checkpoint": info["checkpoint"], "step": info["step"]})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="RUN_OR_CKPT_DIR",
+                        help="a run directory (its latest complete checkpoint) or a checkpoint directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write model.safetensors + config.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = export(args.path, args.out_dir)
+    except FileNotFoundError as e:
+        print(f"cratelm export: {e}", file=sys.stderr)
+        return 1
+    print(f"cratelm export: wrote {out}")
+    return 0
