@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cratelm.dist import close_process_group
+
 
 @dataclass
 class EvalResult:
@@ -201,4 +203,6 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint),
                                                    "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    close_process_group()
     return 0
+

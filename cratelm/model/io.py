@@ -13,7 +13,6 @@ A directory is written under a temporary name and renamed into place when comple
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -24,17 +23,10 @@ from typing import Any
 import torch
 
 from cratelm.config import ModelConfig, model_config_from_dict
+from cratelm.data.tokenizer import file_sha256
 from cratelm.model.crate import CrateLM
 
 FORMAT = "cratelm-model"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_dir(dst: Path, fill) -> None:
@@ -71,7 +63,7 @@ def save_model(model: CrateLM | dict[str, torch.Tensor], cfg: ModelConfig, out_d
         save_file(state, str(tmp / "model.safetensors"))
         if tokenizer:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            meta["tokenizer"], meta["tokenizer_sha256"] = "tokenizer.model", sha256_file(tokenizer)
+            meta["tokenizer"], meta["tokenizer_sha256"] = "tokenizer.model", file_sha256(tokenizer)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     atomic_dir(Path(out_dir), fill)
@@ -175,7 +167,7 @@ def import_crate_gpt(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
     """``cratelm import-crate-gpt SRC DST``: the authors' checkpoint -> an exported model directory."""
     model = load_crate_gpt_checkpoint(src)
     return save_model(model, model.cfg, dst, tokenizer=tokenizer,
-                      extra={"imported_from": str(src), "source_sha256": sha256_file(src)})
+                      extra={"imported_from": str(src), "source_sha256": file_sha256(src)})
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CrateLM, dict]:

@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 
-from cratelm.config import BatchPlan, ConfigError, JobConfig, dumps, load_config
+from cratelm.commands import add_config_arguments, config_from_args
+from cratelm.config import BatchPlan, ConfigError, JobConfig, dumps
+from cratelm.dist import close_process_group
 from cratelm.train import checkpoint as ckpt
 from cratelm.train.engine import (Engine, build_engine, check_job, device_type, dist_env, gather_state_dict,
                                   init_distributed, ds_config, quiet_deepspeed)
@@ -462,9 +464,7 @@ def train(cfg: JobConfig, resume: str | None = None, verbose: bool = False) -> T
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", default=[], metavar="FILE",
-                        help="YAML files merged in order (later wins)")
-    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (win over files)")
+    add_config_arguments(parser)
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="auto: the newest complete checkpoint of train.run_dir, or a fresh start if none; "
                              "PATH: a run directory or checkpoint directory")
@@ -474,14 +474,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # `--config a.yaml b.yaml model.n_layer=2`: argparse hands the override to --config
-    files = [f for f in args.config if "=" not in f]
-    overrides = [f for f in args.config if "=" in f] + list(args.overrides)
     try:
-        cfg = load_config(files, overrides)
+        cfg = config_from_args(args)
         if args.local_rank is not None:
             dist_env(args.local_rank)
         trainer = train(cfg, args.resume, args.verbose)
+        close_process_group()
     except ConfigError as e:
         print(f"cratelm train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
