@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,12 @@ def world(tmp_path_factory):
     return root, corpus
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli(*args, env=None, check=True):
     return subprocess.run([sys.executable, "-m", "cratelm", *map(str, args)], capture_output=True, text=True,
                           check=check, env={**os.environ, **(env or {})})
@@ -74,7 +81,7 @@ def test_two_rank_eval_equals_one_rank(world):
     root, corpus = world
     one, two = root / "one.json", root / "two.json"
     cli("eval", "--checkpoint", root / "model", "--data", corpus / "val.bin", corpus / "train.bin", "--json", one)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     "-m", "cratelm", "eval", "--checkpoint", str(root / "model"), "--data", str(corpus / "val.bin"),
                     str(corpus / "train.bin"), "--json", str(two)], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
