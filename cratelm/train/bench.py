@@ -31,21 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, trials: int = 8) -> float:
-    """The best rate of an n x n x n matmul on ``device`` over ``trials`` (a practical peak for
-    MFU on CPUs; the best trial, because other processes only ever make it slower)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e12)
-    return best
+from cratelm.bench import measured_matmul_tflops
 
 
 def _sync(device: torch.device) -> None:
