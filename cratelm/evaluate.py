@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from cratelm.dist import close_process_group
 
 
+LOGIT_CHUNK = 1 << 24   # logits computed at once (64 MiB in fp32)
+
+
 @dataclass
 class EvalResult:
     data: str
@@ -80,9 +83,16 @@ def score_stream(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, cont
             y[row, first:n] = stream[begin + 1 + first:end + 1]
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits = model(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-        total += nll.double().sum().item()
+            h = model.hidden(x).flatten(0, 1)                     # (B*T, d)
+        y = y.flatten()
+        # the head in row chunks: never the whole (B*T, V) logits at once
+        rows = max(1, LOGIT_CHUNK // model.head_weight.shape[0])
+        for r in range(0, h.shape[0], rows):
+            with autocast:
+                logits = F.linear(h[r:r + rows], model.head_weight)
+            nll = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, y[r:r + rows],
+                                  ignore_index=-1, reduction="none")
+            total += nll.double().sum().item()     # float64 sums: the same result however windows are split
         count += int((y >= 0).sum())
         bar.update(len(chunk))
     bar.close()
