@@ -83,3 +83,15 @@ def test_cuda_backends_match_sdpa_bf16(backend):
     w = torch.randn(2, 12, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, ref = attention(w, backend=backend), attention(w, backend="sdpa")
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_attention_is_causal_for_every_backend(backend):
+    w = torch.randn(1, 2, 13, 32)
+    base = attention(w, backend=backend)
+    for t in (0, 6, 12):
+        changed = w.clone()
+        changed[:, :, t] += 1.0
+        out = attention(changed, backend=backend)
+        torch.testing.assert_close(out[:, :, :t], base[:, :, :t], rtol=0, atol=0)
+        assert not torch.allclose(out[:, :, t], base[:, :, t])
