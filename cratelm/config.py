@@ -196,7 +196,7 @@ class TrainConfig:
     pipeline_stages: int = 1
     """Pipeline-parallel stages (> 1 uses DeepSpeed's PipelineModule; needs ZeRO 0 or 1)."""
     pipeline_partition: str = "parameters"
-    """How blocks are spread over stages: parameters, uniform, or type:REGEX (DeepSpeed's partition_method)."""
+    """Blocks over stages: parameters (balance weights), uniform (equal blocks per stage), or type:REGEX."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     compile: bool = False
