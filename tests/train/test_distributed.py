@@ -226,9 +226,11 @@ def test_sigterm_at_a_random_step_checkpoints_and_resumes_exactly(corpus, zero, 
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         # the deepspeed launcher sets LOCAL_SIZE, and DeepSpeed's CPU backend then maps a
-        # 69 MB /dev/shm buffer per rank that it never unlinks
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+        # 69 MB /dev/shm buffer per rank that it never unlinks: cratelm removes them at exit
+        leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+        for f in leaked:
             f.unlink(missing_ok=True)
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"
     st = status(run_dir)
     assert st["status"] == "preempted" and st["exit_code"] == 75, st
     stopped = st["step"]
