@@ -100,14 +100,16 @@ def _cuda() -> bool:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from cratelm.data import Tokenizer
+    from cratelm.evaluate import checked_tokenizer
     from cratelm.model.io import load_model
 
     model, meta = load_model(args.checkpoint, args.device)
-    tok_path = args.tokenizer or meta.get("tokenizer")
-    if not tok_path:
+    try:
+        tok, _ = checked_tokenizer(args.tokenizer, meta, str(args.checkpoint))
+    except ValueError as e:
+        raise SystemExit(f"cratelm generate: error: {e}") from None
+    if tok is None:
         raise SystemExit(f"{args.checkpoint} records no tokenizer; pass --tokenizer PATH")
-    tok = Tokenizer(tok_path)
     ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     for n in range(args.num_samples):

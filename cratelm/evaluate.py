@@ -160,10 +160,28 @@ def evaluate(model: torch.nn.Module, data: list[str], model_meta: dict, tokenize
         nll, n = score_stream(model, tokens, C, stride or C, batch_size, device, dtype, rank, world,
                               progress and rank == 0)
         nll, n = _all_sum([nll, float(n)])
+        if n == 0:
+            raise ValueError(f"{path}: fewer than 2 tokens, nothing to score")
         loss = nll / n
         bpb = nll / math.log(2) / n_bytes if n_bytes else None
         results.append(EvalResult(label, int(n), loss, math.exp(loss), bpb))
     return results
+
+
+def checked_tokenizer(path: str | None, meta: dict, checkpoint: str):
+    """The tokenizer to use (``path``, else the checkpoint's) and the metadata to check data
+    against. A tokenizer that differs from the one the model records is refused."""
+    path = path or meta.get("tokenizer")
+    if not path:
+        return None, meta
+    from cratelm.data import Tokenizer
+
+    tokenizer = Tokenizer(path)
+    recorded = meta.get("tokenizer_sha256")
+    if recorded and tokenizer.sha256 != recorded:
+        raise ValueError(f"tokenizer {path} has sha256 {tokenizer.sha256}, but {checkpoint} was trained with "
+                         f"a tokenizer of sha256 {recorded}")
+    return tokenizer, {**meta, "tokenizer_sha256": recorded or tokenizer.sha256}
 
 
 def markdown(results: list[EvalResult]) -> str:
@@ -192,20 +210,13 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device != "cpu" else "fp32")]
     model, meta = load_model(args.checkpoint, device)
-    tokenizer = None
-    tok_path = args.tokenizer or meta.get("tokenizer")
-    if tok_path:
-        from cratelm.data import Tokenizer
-
-        tokenizer = Tokenizer(tok_path)
-        if args.tokenizer:
-            meta = {**meta, "tokenizer_sha256": tokenizer.sha256}
-    if not meta.get("tokenizer_sha256"):
-        print(f"cratelm eval: note: {args.checkpoint} records no tokenizer; shards are not checked against it",
-              file=sys.stderr)
     try:
+        tokenizer, meta = checked_tokenizer(args.tokenizer, meta, str(args.checkpoint))
+        if not meta.get("tokenizer_sha256"):
+            print(f"cratelm eval: note: {args.checkpoint} records no tokenizer; shards are not checked against it",
+                  file=sys.stderr)
         results = evaluate(model, args.data, meta, tokenizer, args.stride, args.batch_size, device, dtype)
-    except (ValueError, FileNotFoundError) as e:   # bad data: the message says what and where
+    except (ValueError, FileNotFoundError) as e:   # bad data or tokenizer: the message says what and where
         print(f"cratelm eval: error: {e}", file=sys.stderr)
         return 2
     if _dist()[0] == 0:

@@ -37,6 +37,7 @@ LOSSLESS_OPTIONS: dict[str, Any] = {
     "allow_whitespace_only_pieces": True,   # indentation "    " may be one piece
 }
 LINE_SYMBOLS = ["\n", "\t"]
+META_SYMBOL = "\u2581"   # sentencepiece's visible space, a character like any other in our texts
 MODEL_TYPES = ("bpe", "unigram")
 
 
@@ -92,6 +93,14 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added)."""
+        if META_SYMBOL in text:
+            # sentencepiece writes a space as U+2581 inside pieces, so a literal U+2581 would
+            # decode as a space: spell it with its three byte-fallback pieces instead
+            meta = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SYMBOL.encode()]
+            out: list[int] = []
+            for i, part in enumerate(text.split(META_SYMBOL)):
+                out += (meta if i else []) + self.encode(part)
+            return out
         if not self._split_lines or "\n" not in text:
             return self.sp.encode(text)
         out: list[int] = []
@@ -107,6 +116,10 @@ class Tokenizer:
 
         Releases the GIL inside sentencepiece, so threads calling it run in parallel.
         """
+        if any(META_SYMBOL in t for t in texts):    # rare: take the careful path for this batch
+            encoded = [self.encode(t) + [self.eos_id] for t in texts]
+            lens = np.fromiter(map(len, encoded), np.int64, len(encoded))
+            return np.fromiter(itertools.chain.from_iterable(encoded), np.int64, int(lens.sum())), lens
         if self._split_lines:
             lines: list[str] = []
             per_doc = np.empty(len(texts), np.int64)

@@ -26,6 +26,22 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def outside_autocast(fn, *args):
+    """Call a hand-written autograd Function ``fn(*args)`` so that it sees ONE dtype: under
+    autocast the floating-point tensor arguments are cast to the autocast dtype and the
+    call runs with autocast off (its saved tensors and its backward then agree)."""
+    import torch
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    dev = tensors[0].device.type if tensors else "cpu"
+    if not torch.is_autocast_enabled(dev):
+        return fn(*args)
+    dtype = torch.get_autocast_dtype(dev)
+    cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    with torch.autocast(dev, enabled=False):
+        return fn(*cast)
+
+
 def get_backend(name: str) -> ModuleType:
     """Import and return the module of backend ``name``; a clear error otherwise."""
     if name not in BACKENDS:

@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cratelm.kernels import outside_autocast
+
 try:  # triton is optional: only impl="triton" needs it
     import triton
     import triton.language as tl
@@ -255,7 +257,9 @@ def ista_complete(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float,
     if impl == "compile":
         return _compiled("complete", _complete_torch)(z, W, eta, lmbda)
     z2 = z.reshape(-1, z.shape[-1])
-    return ISTACompleteFn.apply(z2, W, float(eta), float(lmbda), "torch" if impl == "fused" else "triton").view(z.shape)
+    out = outside_autocast(ISTACompleteFn.apply, z2, W, float(eta), float(lmbda),
+                           "torch" if impl == "fused" else "triton")
+    return out.view(z.shape)
 
 
 def ista_overcomplete(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float, steps: int = 2,
@@ -269,5 +273,6 @@ def ista_overcomplete(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float
     if impl == "compile":
         return _compiled("overcomplete", _overcomplete_torch)(z, W, eta, lmbda, steps)
     z2 = z.reshape(-1, z.shape[-1])
-    c = ISTAOvercompleteFn.apply(z2, W, float(eta), float(lmbda), steps, "torch" if impl == "fused" else "triton")
+    c = outside_autocast(ISTAOvercompleteFn.apply, z2, W, float(eta), float(lmbda), steps,
+                         "torch" if impl == "fused" else "triton")
     return c.view(*z.shape[:-1], W.shape[0])

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cratelm.kernels import outside_autocast
+
 LOSS_IMPLS = ("plain", "chunked", "liger")
 RECOMMENDED_LOSS_IMPL = "chunked"  # for training; "plain" stays the function default
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (32M: 128 MiB in fp32); rows = a power of two
@@ -136,5 +138,5 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     if rows < 1:
         raise ValueError(f"lm_head_loss: chunk_rows={chunk_rows} must be >= 1")
     if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
-        return chunked_loss_and_grads(h, weight, t, ignore_index, rows, False, False)[0]  # eval: loss only
-    return ChunkedLinearCrossEntropy.apply(h, weight, t, ignore_index, rows)
+        return outside_autocast(chunked_loss_and_grads, h, weight, t, ignore_index, rows, False, False)[0]
+    return outside_autocast(ChunkedLinearCrossEntropy.apply, h, weight, t, ignore_index, rows)

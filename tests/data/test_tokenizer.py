@@ -124,3 +124,13 @@ def test_errors_and_pickle(tmp_path, tok):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.sha256 == tok.sha256 and clone.encode(TORTURE) == tok.encode(TORTURE)
     assert np.all(np.array(tok.encode(TORTURE)) < tok.vocab_size)
+
+
+def test_sentencepiece_space_symbol_round_trips(tok):
+    """U+2581 is sentencepiece's own stand-in for a space: a literal one must come back as itself."""
+    texts = ["a\u2581b", "line1\nline2\u2581", "\u2581\u2581 \u2581", "x\u2581\ty\n\u2581"]
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text
+    ids, lens = tok.encode_documents(texts + ["plain"])
+    assert ids.tolist() == sum((tok.encode(t) + [tok.eos_id] for t in texts + ["plain"]), [])
+    assert lens.tolist() == [len(tok.encode(t)) + 1 for t in texts + ["plain"]]

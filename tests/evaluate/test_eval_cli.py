@@ -99,6 +99,20 @@ def test_tokenizer_mismatch_is_refused_with_both_hashes(world, tmp_path):
     ours = json.loads((root / "model" / "config.json").read_text())["tokenizer_sha256"]
     assert proc.returncode == 2
     assert theirs in proc.stderr and ours in proc.stderr and theirs != ours
+    # naming the other tokenizer does not get around the check, for eval or generate
+    proc = cli("eval", "--checkpoint", root / "model", "--data", other / "val.bin",
+               "--tokenizer", other / "tokenizer.model", check=False)
+    assert proc.returncode == 2 and theirs in proc.stderr and ours in proc.stderr
+    proc = cli("generate", "--checkpoint", root / "model", "--tokenizer", other / "tokenizer.model", check=False)
+    assert proc.returncode != 0 and theirs in proc.stderr and ours in proc.stderr
+
+
+def test_too_short_data_is_an_error_not_a_crash(world, tmp_path):
+    root, _ = world
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = cli("eval", "--checkpoint", root / "model", "--data", empty, check=False)
+    assert proc.returncode == 2 and "empty.txt: fewer than 2 tokens" in proc.stderr
 
 
 def test_eval_of_an_authors_checkpoint_from_the_command_line(world, tmp_path):
