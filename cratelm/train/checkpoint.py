@@ -142,10 +142,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
+def prune(root: Path, keep_last: int, current: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints, and every incomplete one
-    (call only when no save is in flight). Returns what was deleted."""
-    keep = set(complete_checkpoints(root)[-keep_last:])
+    (call only when no save is in flight). ``current``, the checkpoint just written, is always
+    kept; checkpoints past it belong to a run that was rewound (``--resume`` an older one) and
+    are superseded, as the rewound run will write those steps again. Returns what was deleted."""
+    done = complete_checkpoints(root)
+    if current is not None:
+        done = [p for p in done if step_of(p) <= step_of(current)]
+    keep = set(done[-keep_last:]) | ({Path(current)} if current is not None else set())
     gone = []
     for p in root.iterdir():
         if p.is_dir() and step_of(p) is not None and p not in keep:
@@ -178,7 +183,7 @@ def save(engine, run_dir: str | os.PathLike, step: int, meta: dict[str, Any], ra
         _write_atomic(path / MARKER, (json.dumps({**meta, "format": FORMAT, "version": 1, "tag": tag,
                                                   "complete": True}, indent=2) + "\n").encode())
         _write_atomic(root / LATEST, tag.encode())
-        prune(root, keep_last)
+        prune(root, keep_last, path)
     dist.barrier()
     return path
 

@@ -51,8 +51,20 @@ class DistEnv:
     """True when a launcher (torchrun, deepspeed, SLURM + torchrun) set RANK / WORLD_SIZE."""
 
 
+MPI_ENV = (("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+           ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"), ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"))
+
+
 def dist_env(local_rank: int | None = None) -> DistEnv:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK; ``local_rank`` is the deepspeed launcher's ``--local_rank``."""
+    """Read RANK / WORLD_SIZE / LOCAL_RANK; ``local_rank`` is the deepspeed launcher's ``--local_rank``.
+    Under mpirun (``deepspeed --launcher openmpi``) the ranks only have OMPI_COMM_WORLD_*:
+    they are copied over, and MASTER_ADDR / MASTER_PORT must come from the launcher."""
+    for ours, mpi in MPI_ENV:
+        if ours not in os.environ and mpi in os.environ:
+            os.environ[ours] = os.environ[mpi]
+    if "OMPI_COMM_WORLD_SIZE" in os.environ and "MASTER_ADDR" not in os.environ:
+        raise ConfigError("started by mpirun without MASTER_ADDR: launch through `deepspeed --launcher openmpi "
+                          "--master_addr HOST` (it exports MASTER_ADDR/MASTER_PORT) or export them with -x")
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if local_rank is not None and local_rank >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)
@@ -169,6 +181,12 @@ def ds_config(cfg: JobConfig, plan: BatchPlan, dev_type: str | None = None) -> d
 
 def _check_merged(config: dict[str, Any], t, where: str) -> None:
     stage = config.get("zero_optimization", {}).get("stage", 0)
+    offload = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    if (offload not in ("none", None)) != t.offload_optimizer:
+        # the optimizer cratelm builds (CPU Adam or not) follows train.offload_optimizer
+        raise ConfigError(f"{where} sets zero_optimization.offload_optimizer.device={offload!r} but "
+                          f"train.offload_optimizer={str(t.offload_optimizer).lower()}; set offloading with "
+                          "train.offload_optimizer")
     if t.pipeline_stages > 1 and config.get("bf16", {}).get("enabled") and stage == 0:
         raise ConfigError(f"{where}: bf16 with train.pipeline_stages={t.pipeline_stages} needs ZeRO stage 1, not 0: "
                           "DeepSpeed's bf16 ZeRO-0 pipeline engine accumulates gradients in bf16 and writes "
@@ -202,7 +220,7 @@ def init_distributed(dev_type: str | None = None) -> DistEnv:
         torch.cuda.set_device(env.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
         # several ranks on one CPU host fight for the cores (~6x slower without this)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if dev_type == "cuda" else "gloo")

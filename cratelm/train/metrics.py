@@ -102,6 +102,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _step_of(line: str, default: int) -> int:
+    """The step of a metrics.jsonl line; a torn line (a kill mid-write) counts as ``default``."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return default
+
+
 class MetricsLogger:
     """TensorBoard + metrics.jsonl + console, on global rank 0 (a no-op elsewhere).
 
@@ -120,13 +128,13 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line, start_step + 1) <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        # drop events past the resume point (a fresh start drops a dead run's curves too)
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """One record: every value goes to TensorBoard under its key and to metrics.jsonl."""

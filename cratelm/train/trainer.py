@@ -226,11 +226,12 @@ class Trainer:
         import torch.distributed as dist
 
         e, ds = self.engine, self.engine.ds
-        stop_local = float(self.stop_signal is not None)
+        # the stop flag is read at the all-reduce, so a signal during this step stops after it
         if e.pipeline:
             loss = ds.train_batch()
             loss_f = float(loss.float().item())
-            flags = torch.tensor([float(not math.isfinite(loss_f)), stop_local], device=self.device)
+            flags = torch.tensor([float(not math.isfinite(loss_f)), float(self.stop_signal is not None)],
+                                 device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             return loss_f, bool(flags[0] > 0), bool(flags[1] > 0)
         accum = self.plan.grad_accum
@@ -247,7 +248,8 @@ class Trainer:
             total += torch.nan_to_num(detached, nan=0.0, posinf=0.0, neginf=0.0)
             bad += (~torch.isfinite(detached)).float()
             if a == accum - 1:
-                stats = torch.stack([total, bad, torch.tensor(stop_local, device=self.device)])
+                stop = torch.tensor(float(self.stop_signal is not None), device=self.device)
+                stats = torch.stack([total, bad, stop])
                 dist.all_reduce(stats)
                 n_bad = float(stats[1])
                 mean = float(stats[0]) / (accum * self.world) if n_bad == 0 else math.nan

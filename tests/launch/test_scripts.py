@@ -162,6 +162,11 @@ def test_torchrun_multinode(fakes):
 
 # ----------------------------------------------------------------------------- SLURM
 
+def is_torchrun(e: dict) -> bool:
+    """A per-node `$PYTHON -m torch.distributed.run ...` (the sbatch script's torchrun)."""
+    return e["tool"] == "fake_logger_python" and e.get("argv", [])[:2] == ["-m", "torch.distributed.run"]
+
+
 def test_slurm_two_nodes_torchrun_per_node(fakes):
     bin_dir, log, python = fakes
     env = slurm_env(bin_dir, log, ["gpu-a17", "gpu-b03"], job_id=4242, PYTHON=str(python), GPUS_PER_NODE="4",
@@ -172,10 +177,10 @@ def test_slurm_two_nodes_torchrun_per_node(fakes):
     assert {"tool": "scontrol", "argv": "show hostnames fake[2]"} in entries
     (srun,) = [e for e in entries if e["tool"] == "srun"]
     assert srun["argv"][:3] == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    runs = sorted((e for e in entries if e["tool"] == "torchrun"), key=lambda e: e["env"]["SLURM_NODEID"])
+    runs = sorted(filter(is_torchrun, entries), key=lambda e: e["env"]["SLURM_NODEID"])
     assert len(runs) == 2
     for node, e in enumerate(runs):
-        assert e["argv"] == ["--nnodes=2", "--nproc_per_node=4", f"--node_rank={node}", "--master_addr=gpu-a17",
+        assert e["argv"] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4", f"--node_rank={node}", "--master_addr=gpu-a17",
                              "--master_port=24242", "-m", "cratelm", "train", "--config", TINY,
                              "train.max_steps=5", "--resume", "auto"]
         assert e["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "100"
@@ -205,7 +210,7 @@ def test_slurm_refuses_a_bad_launch_before_srun(fakes):
              "train.global_batch=16"], env)
     assert r.returncode == 2, r.stderr
     assert "train.global_batch=16 is not divisible by train.micro_batch=3 x data-parallel size 4 (= 12" in r.stdout
-    assert not [e for e in read_log(log) if e["tool"] in ("srun", "torchrun")]
+    assert not [e for e in read_log(log) if e["tool"] == "srun" or is_torchrun(e)]
 
 
 def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
@@ -216,7 +221,7 @@ def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
     p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
-    while len([e for e in read_log(log) if e["tool"] == "torchrun"]) < 2:
+    while len([e for e in read_log(log) if is_torchrun(e)]) < 2:
         assert time.time() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
@@ -231,7 +236,7 @@ def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
     env.update(SLURM_RESTART_COUNT="2", MAX_REQUEUES="2")
     p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while len([e for e in read_log(log) if e["tool"] == "torchrun"]) < 2:
+    while len([e for e in read_log(log) if is_torchrun(e)]) < 2:
         assert p.poll() is None, p.communicate()
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
@@ -243,7 +248,7 @@ def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
     env.update(SLURM_RESTART_COUNT="0", FAKE_EXIT_ON_TERM="0")
     p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while len([e for e in read_log(log) if e["tool"] == "torchrun"]) < 2:
+    while len([e for e in read_log(log) if is_torchrun(e)]) < 2:
         assert p.poll() is None, p.communicate()
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)

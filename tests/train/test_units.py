@@ -72,6 +72,9 @@ def test_user_deepspeed_json_overrides_and_conflicts(corpus, tmp_path):
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="'optimizer' section"):
         ds_config(cfg, plan, "cpu")
+    user.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match=r"offload_optimizer.device='cpu' but train.offload_optimizer=false"):
+        ds_config(cfg, plan, "cpu")
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     pcfg = cfg_of(corpus, tmp_path, train={"pipeline_stages": 2, "deepspeed_config": str(user)})
     with pytest.raises(ConfigError, match="stage=3, which cannot be combined with train.pipeline_stages=2"):
@@ -218,6 +221,17 @@ def test_latest_complete_checkpoint(tmp_path):
     assert sorted(gone) == [a, c] and b.exists()
 
 
+def test_prune_after_a_rewind_keeps_what_was_just_written(tmp_path):
+    root = tmp_path / "checkpoints"
+    old = [_fake(root, s, True) for s in (1000, 1500, 2000)]
+    # the run was resumed from step 1000 and has just written step 1100
+    now = _fake(root, 1100, True)
+    gone = ckpt.prune(root, keep_last=1, current=now)
+    assert now.exists() and sorted(gone) == sorted(old)           # 1500 / 2000 belong to the abandoned run
+    (root / "latest").write_text(now.name)
+    assert ckpt.latest_checkpoint(root) == now
+
+
 def test_rng_state_round_trip(tmp_path):
     import random
 
@@ -245,6 +259,28 @@ def test_metrics_logger_drops_records_after_the_resume_step(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/loss"]) for r in recs] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
     assert recs[0]["train/nan"] == "nan"
+    # a kill mid-write leaves a torn last line: resume drops it instead of failing
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')
+    MetricsLogger(tmp_path, True, start_step=4).close()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+
+
+def test_mpirun_ranks_are_read_from_openmpi_variables(monkeypatch):
+    from cratelm.train.engine import dist_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.setenv(k, "")        # recorded, so what dist_env writes is undone afterwards
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="mpirun without MASTER_ADDR"):
+        dist_env()
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    env = dist_env()
+    assert (env.rank, env.world_size, env.local_rank, env.launched) == (3, 4, 1, True)
 
 
 def test_throughput_mfu_and_console_line():
