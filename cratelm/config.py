@@ -58,7 +58,7 @@ class ModelConfig:
     context: int = 1024
     """Maximum sequence length T (rows of the learned position embedding)."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention probabilities and block outputs."""
+    """Dropout on embeddings, attention probabilities and block outputs (training only)."""
     eta: float = 0.1
     """ISTA step size (a constant 0.1 in the authors' code)."""
     lmbda: float = 0.1
@@ -106,6 +106,9 @@ class ModelConfig:
                f"model.attn_backend={self.attn_backend!r} is unknown; choose one of {ATTN_BACKENDS}")
         _check(not (self.arch == "gpt2" and self.attn_backend == "triton"),
                "model.attn_backend=triton is the tied q=k=v kernel of CRATE; gpt2 needs sdpa, flash or reference")
+        _check(not (self.attn_backend == "triton" and self.dropout > 0),
+               f"model.attn_backend=triton has no attention dropout; model.dropout={self.dropout} needs sdpa, "
+               "flash or reference")
         _check(self.ista_impl in ISTA_IMPLS, f"model.ista_impl={self.ista_impl!r} is unknown; choose one of {ISTA_IMPLS}")
         _check(self.loss_impl in LOSS_IMPLS, f"model.loss_impl={self.loss_impl!r} is unknown; choose one of {LOSS_IMPLS}")
 

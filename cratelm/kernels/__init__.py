@@ -11,6 +11,7 @@ Every backend module is imported lazily (flash-attn and triton are optional) and
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -52,18 +53,27 @@ def get_backend(name: str) -> ModuleType:
         raise RuntimeError(f"attention backend {name!r} is not available: {e}") from e
 
 
-def attention(w: "torch.Tensor", backend: str = "sdpa", causal: bool = True) -> "torch.Tensor":
-    """Softmax attention with ``w`` (B, H, T, p) used as query, key and value."""
+def attention(w: "torch.Tensor", backend: str = "sdpa", causal: bool = True,
+              dropout_p: float = 0.0) -> "torch.Tensor":
+    """Softmax attention with ``w`` (B, H, T, p) used as query, key and value; ``dropout_p``
+    drops attention probabilities (training only; not supported by ``triton``)."""
     if w.dim() != 4:
         raise ValueError(f"attention expects w of shape (B, H, T, p), got {tuple(w.shape)}")
-    return get_backend(backend).attention(w, causal=causal)
+    mod = get_backend(backend)
+    if dropout_p:
+        if "dropout_p" not in inspect.signature(mod.attention).parameters:
+            raise ValueError(f"attention backend {backend!r} has no attention dropout (dropout_p={dropout_p})")
+        return mod.attention(w, causal=causal, dropout_p=dropout_p)
+    return mod.attention(w, causal=causal)
 
 
 def attention_qkv(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor",
-                  backend: str = "sdpa", causal: bool = True) -> "torch.Tensor":
+                  backend: str = "sdpa", causal: bool = True, dropout_p: float = 0.0) -> "torch.Tensor":
     """Ordinary attention with separate q, k, v (B, H, T, p), for the GPT-2 baseline."""
     mod = get_backend(backend)
     if not hasattr(mod, "attention_qkv"):
         raise ValueError(f"attention backend {backend!r} only supports tied q=k=v (CRATE); "
                          "use 'sdpa', 'flash' or 'reference' for gpt2")
+    if dropout_p:
+        return mod.attention_qkv(q, k, v, causal=causal, dropout_p=dropout_p)
     return mod.attention_qkv(q, k, v, causal=causal)

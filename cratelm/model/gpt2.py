@@ -25,17 +25,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim, self.backend = cfg.n_head, cfg.head_dim, cfg.attn_backend
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
+        self.attn_dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, d = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, p)
                    for t in self.qkv(x).split(d, dim=2))
-        backend = self.backend
+        backend, dropout_p = self.backend, self.attn_dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.extend(layer, k, v)
             backend = "reference" if backend == "reference" else "sdpa"
-        y = attention_qkv(q, k, v, backend=backend, causal=True)
+        y = attention_qkv(q, k, v, backend=backend, causal=True, dropout_p=dropout_p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, d)))
 
 

@@ -31,6 +31,7 @@ class MSSA(nn.Module):
         self.backend = cfg.attn_backend
         self.U = nn.Linear(d, d, bias=False)      # ONE projection: query = key = value
         self.proj = nn.Linear(d, d, bias=True)    # W_o, b_o
+        self.attn_dropout = cfg.dropout                # on the attention probabilities
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,8 @@ class MSSA(nn.Module):
     def forward(self, z: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
         w = self.project(z)                                    # (B, K, T, p)
         if cache is None:
-            y = attention(w, backend=self.backend, causal=True)
+            y = attention(w, backend=self.backend, causal=True,
+                          dropout_p=self.attn_dropout if self.training else 0.0)
         else:
             # generation: ONE cached tensor per layer serves as both keys and values
             (w_all,) = cache.extend(layer, w)

@@ -94,3 +94,30 @@ def test_flops_per_token_counts_ista_twice():
     assert flops_per_token(cfg) > 6 * count_params(cfg)["non_embedding_params"]
     lm = ModelConfig(arch="crate-lm")
     assert flops_per_token(lm) == 6 * (L * (2 * d * d + 4 * d * d * 4) + d * V) + 12 * L * d * T
+
+
+@pytest.mark.parametrize("arch", ["crate-gpt", "gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_dropout_acts_in_training_only(arch, backend):
+    cfg = tiny(arch, dropout=0.2, attn_backend=backend)
+    model, plain = CrateLM(cfg, seed=4), CrateLM(tiny(arch, attn_backend=backend), seed=4)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    model.train()
+    torch.manual_seed(0)
+    a = model(idx)
+    torch.manual_seed(1)
+    b = model(idx)
+    assert not torch.allclose(a, b)                                  # stochastic while training
+    model.eval()
+    torch.testing.assert_close(model(idx), plain.eval()(idx), rtol=0, atol=0)   # the same function in eval
+
+
+def test_attention_dropout_and_a_backend_without_it():
+    from cratelm.kernels import attention
+
+    w = torch.randn(1, 2, 8, 4)
+    torch.manual_seed(0)
+    dropped = attention(w, backend="reference", dropout_p=0.5)
+    assert not torch.allclose(dropped, attention(w, backend="reference"))
+    with pytest.raises(Exception, match="model.dropout=0.1 needs sdpa"):
+        tiny(dropout=0.1, attn_backend="triton")
