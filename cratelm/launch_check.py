@@ -16,12 +16,10 @@ Launchers (``--launcher``):
 - ``openmpi``: one ``mpirun`` starts every rank (no --include/--exclude, no --num_nodes);
 - ``torchrun``: one ``torchrun`` per node, static master address or ``--rdzv-backend c10d``.
 
-Where DeepSpeed has a function for it, this module calls it: the include/exclude filter
-(``parse_inclusion_exclusion``), ``--num_nodes``/``--num_gpus`` (``apply_num_nodes_and_gpus``),
-``encode_world_info``, and ``PDSHRunner``/``OpenMPIRunner.get_cmd``. The hostfile is read with
-DeepSpeed's own line grammar (``^(\\S+)\\s+slots=(\\d+)``, ``#`` comments, blank lines) but
-every bad line is reported with file:line, and ``slots=0`` is refused (DeepSpeed accepts it
-and then fails later or silently drops the host).
+Where DeepSpeed has a function for it, this module calls it: ``encode_world_info`` and
+``PDSHRunner``/``OpenMPIRunner.get_cmd``. Reading the hostfile and applying
+--include/--exclude/--num_nodes/--num_gpus as DeepSpeed's runner does is the job of
+``cratelm.hostfile``, whose public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -33,14 +31,15 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
 import sys
 
-# deepspeed.launcher.runner._parse_hostfile's pattern, matched with re.search on the stripped line.
-HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
+from cratelm.hostfile import LaunchError, deepspeed_exports, rank_ranges, read_hostfile, select_resources
+# re-exported: tests and scripts import these from here
+from cratelm.hostfile import HOSTFILE_LINE, parse_hostfile  # noqa: F401
+
 DEFAULT_MASTER_PORT = 29500  # deepspeed.constants.TORCH_DISTRIBUTED_DEFAULT_PORT
 LAUNCHERS = ("pdsh", "openmpi", "torchrun")
 
@@ -50,115 +49,6 @@ LAUNCHERS = ("pdsh", "openmpi", "torchrun")
 # the environment of every rank either way.
 DS_USER_FLAGS = ["--module", "--no_local_rank"]
 USER_MODULE = "cratelm"
-
-
-class LaunchError(ValueError):
-    """Bad launch input; the message names the file and line, or the flag and the value."""
-
-
-# ----------------------------------------------------------------------------- hostfile
-
-def read_hostfile(path: str | os.PathLike) -> tuple[dict[str, int], list[str], list[str]]:
-    """Parse a DeepSpeed/MPI-style hostfile: ``(pool, problems, warnings)``.
-
-    ``pool`` maps host -> slots in file order (what DeepSpeed's ``fetch_hostfile`` returns for
-    a good file); every bad line is a problem naming ``file:line``, not just the first.
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        return {}, [f"hostfile {path} does not exist (DeepSpeed would silently run on this machine only)"], []
-    pool: dict[str, int] = collections.OrderedDict()
-    first_seen: dict[str, int] = {}
-    problems: list[str] = []
-    warnings: list[str] = []
-    with open(path) as fd:
-        lines = fd.readlines()
-    for n, raw in enumerate(lines, 1):
-        line = raw.strip()
-        where = f"{path}:{n}"
-        if line.startswith("#") or line == "":
-            continue
-        m = HOSTFILE_LINE.search(line)
-        if not m:
-            problems.append(f"{where}: {line!r}: {_diagnose_hostfile_line(line)}")
-            continue
-        host, slots = m.group(1), int(m.group(2))
-        rest = line[m.end():].strip()
-        if rest and not rest.startswith("#"):
-            warnings.append(f"{where}: DeepSpeed reads {host} slots={slots} and ignores the rest, {rest!r}")
-        if slots == 0:
-            problems.append(f"{where}: {line!r}: slots=0, a host needs at least one slot "
-                            f"(delete the line, or keep it and --exclude {host})")
-        if host in first_seen:
-            problems.append(f"{where}: host {host!r} is already listed on line {first_seen[host]} "
-                            "(DeepSpeed refuses duplicate hosts)")
-            continue
-        first_seen[host] = n
-        pool[host] = slots
-    if not pool and not problems:
-        problems.append(f"{path}: no hosts (every line is blank or a comment); write 'HOSTNAME slots=N' lines")
-    return pool, problems, warnings
-
-
-def _diagnose_hostfile_line(line: str) -> str:
-    words = line.split()
-    if len(words) == 1:
-        return "no slot count; write 'HOSTNAME slots=N'"
-    key, eq, value = words[1].partition("=")
-    if not eq:
-        return f"expected 'slots=N' after the host name, got {words[1]!r}"
-    if key != "slots":
-        return f"unknown key {key!r} (DeepSpeed reads only 'slots=N'; a typo of 'slots'?)"
-    if not value:
-        return "slots= has no value; write slots=N with N >= 1"
-    return f"slots={value!r} is not a whole number"
-
-
-def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
-    """``read_hostfile`` that raises LaunchError listing every problem."""
-    pool, problems, _ = read_hostfile(path)
-    if problems:
-        raise LaunchError("; ".join(problems))
-    return pool
-
-
-# ----------------------------------------------------------------------------- resources
-
-def select_resources(pool: dict[str, int], include: str = "", exclude: str = "",
-                     num_nodes: int = -1, num_gpus: int = -1) -> dict[str, list[int]]:
-    """Apply --include/--exclude/--num_nodes/--num_gpus exactly as DeepSpeed's runner does.
-
-    Returns host -> slot ids in hostfile order; raises LaunchError naming the flag and value.
-    Beyond DeepSpeed, it refuses --num_nodes above the host count and --num_gpus above a
-    host's slots (DeepSpeed would quietly use fewer nodes, or more ranks than slots).
-    """
-    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
-
-    if (num_nodes >= 0 or num_gpus >= 0) and (include or exclude):
-        raise LaunchError("--num_nodes/--num_gpus cannot be combined with --include/--exclude "
-                          "(DeepSpeed refuses it: 'Cannot specify num_nodes/gpus with include/exclude')")
-    if include and exclude:
-        raise LaunchError("--include and --exclude are mutually exclusive")
-    try:
-        active = parse_inclusion_exclusion(pool, include, exclude)
-    except (ValueError, KeyError) as e:
-        flag, value = ("--include", include) if include else ("--exclude", exclude)
-        msg = str(e)
-        if "invalid literal" in msg or "unpack" in msg:
-            msg = "write HOST[:SLOT[,SLOT...]][@HOST...], e.g. 'worker-0:0,1@worker-1'"
-        raise LaunchError(f"{flag} {value!r}: {msg} (hosts in the hostfile: {', '.join(pool) or 'none'})") from None
-    if num_nodes > len(active):
-        raise LaunchError(f"--num_nodes {num_nodes} but only {len(active)} host(s) are available: {', '.join(active)}")
-    if num_nodes == 0 or num_gpus == 0:
-        raise LaunchError(f"--num_nodes {num_nodes} / --num_gpus {num_gpus}: must be >= 1 when given")
-    trimmed = apply_num_nodes_and_gpus(active, num_nodes, num_gpus)
-    if num_gpus > 0:
-        short = [f"{h} (slots={pool[h]})" for h in trimmed if pool.get(h, num_gpus) < num_gpus]
-        if short:
-            raise LaunchError(f"--num_gpus {num_gpus} is more than the slots of {', '.join(short)}")
-    if not trimmed:
-        raise LaunchError(f"--include {include!r} / --exclude {exclude!r} leave no slots to run on")
-    return collections.OrderedDict((h, list(s)) for h, s in trimmed.items())
 
 
 # ----------------------------------------------------------------------------- plan
@@ -210,37 +100,6 @@ def _ds_args(a: argparse.Namespace, user_args: list[str], master_addr: str) -> a
     return parse_args(_ds_cli_flags(a, master_addr) + DS_USER_FLAGS + [USER_MODULE] + user_args)
 
 
-def _ds_exports(problems: list[str]) -> dict[str, str]:
-    """The variables DeepSpeed's runner exports to every node (pdsh/openmpi): PYTHON*, MLFLOW*,
-    MV2*, UCX* and the accelerator's (NCCL* on CUDA) from this environment, plus
-    ``.deepspeed_env`` in ~ and in the current directory. Lines the runner would crash on
-    (blank, no '=') are problems here."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.launcher import runner
-
-    env = os.environ.copy()
-    cwd = os.path.abspath(".")
-    env["PYTHONPATH"] = cwd + (":" + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
-    prefixes = runner.EXPORT_ENVS + get_accelerator().export_envs()
-    exports = {k: v for k, v in env.items() if any(k.startswith(p) for p in prefixes)}
-    for d in runner.DEEPSPEED_ENVIRONMENT_PATHS:
-        f = os.path.join(d, runner.DEEPSPEED_ENVIRONMENT_NAME)
-        if not os.path.isfile(f):
-            continue
-        with open(f) as fd:
-            for n, line in enumerate(fd.readlines(), 1):
-                if "=" not in line:
-                    problems.append(f"{f}:{n}: {line.rstrip()!r} has no '=': DeepSpeed's runner stops on it "
-                                    "(every line must be NAME=value; no blank lines, no comments)")
-                    continue
-                key, val = line.split("=", 1)
-                if key.strip().startswith("#") or not key.strip().isidentifier():
-                    problems.append(f"{f}:{n}: {key.strip()!r} is not a variable name "
-                                    "(DeepSpeed would export it as-is; comments are not allowed)")
-                exports[key.strip()] = val
-    return exports
-
-
 def _deepspeed_plan(a: argparse.Namespace, active: dict[str, list[int]], user_args: list[str],
                     master_addr: str, problems: list[str], notes: list[str]) -> tuple[str, str | None, list[NodeCommand]]:
     from deepspeed.launcher.multinode_runner import OpenMPIRunner, PDSHRunner
@@ -249,7 +108,7 @@ def _deepspeed_plan(a: argparse.Namespace, active: dict[str, list[int]], user_ar
     ds = _ds_args(a, user_args, master_addr)
     world_info = encode_world_info(active)
     you_run = shlex.join(["deepspeed", *_ds_cli_flags(a, master_addr), *DS_USER_FLAGS, USER_MODULE, *user_args])
-    ranks = _rank_ranges(active)
+    ranks = rank_ranges(active)
     multi = (a.force_multi or len(active) > 1) and not a.no_ssh
 
     if a.launcher == "openmpi" and multi:
@@ -259,7 +118,7 @@ def _deepspeed_plan(a: argparse.Namespace, active: dict[str, list[int]], user_ar
         except ValueError as e:
             problems.append(f"--launcher openmpi: {e}")
             return you_run, None, []
-        for k, v in _ds_exports(problems).items():
+        for k, v in deepspeed_exports(problems).items():
             runner.add_export(k, v)
         cmd = runner.get_cmd(os.environ.copy(), active)
         notes.append("openmpi: mpirun starts every rank itself (no deepspeed.launcher.launch); the ranks find "
@@ -270,7 +129,7 @@ def _deepspeed_plan(a: argparse.Namespace, active: dict[str, list[int]], user_ar
 
     if multi:   # pdsh from the head node; %n becomes each node's rank
         runner = PDSHRunner(ds, world_info)
-        for k, v in _ds_exports(problems).items():
+        for k, v in deepspeed_exports(problems).items():
             runner.add_export(k, v)
         cmd, _kill, _env = runner.get_cmd(os.environ.copy(), active)
         n_pdsh = 6 + len(shlex.split(ds.launcher_args))   # pdsh -S -f N -w HOSTS [launcher_args]
@@ -326,7 +185,7 @@ def _ds_cli_flags(a: argparse.Namespace, master_addr: str) -> list[str]:
 
 def _torchrun_plan(a: argparse.Namespace, active: dict[str, list[int]], user_args: list[str],
                    master_addr: str) -> tuple[str, None, list[NodeCommand]]:
-    ranks = _rank_ranges(active)
+    ranks = rank_ranges(active)
     nodes = []
     for i, (h, slots) in enumerate(active.items()):
         env = [] if slots == list(range(len(slots))) else [f"CUDA_VISIBLE_DEVICES={','.join(map(str, slots))}"]
@@ -338,14 +197,6 @@ def _torchrun_plan(a: argparse.Namespace, active: dict[str, list[int]], user_arg
         nodes.append(NodeCommand(i, h, slots, ranks[h], shlex.join(env + cmd + ["-m", USER_MODULE] + user_args)))
     you_run = "on every node: " + (nodes[0].shell.replace("--node_rank=0", "--node_rank=NODE_RANK") if nodes else "")
     return you_run, None, nodes
-
-
-def _rank_ranges(active: dict[str, list[int]]) -> dict[str, list[int]]:
-    out, r = {}, 0
-    for h, slots in active.items():   # deepspeed.launcher.launch: ranks follow hostfile order
-        out[h] = list(range(r, r + len(slots)))
-        r += len(slots)
-    return out
 
 
 # ----------------------------------------------------------------------------- probes
