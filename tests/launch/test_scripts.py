@@ -213,11 +213,9 @@ def test_slurm_refuses_a_bad_launch_before_srun(fakes):
     assert not [e for e in read_log(log) if e["tool"] == "srun" or is_torchrun(e)]
 
 
-def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
-    """The trap path: SIGTERM to the batch shell -> srun -> torchrun, wait for it, requeue."""
-    bin_dir, log, python = fakes
-    env = slurm_env(bin_dir, log, ["gpu-a17", "gpu-b03"], job_id=555, PYTHON=str(python), GPUS_PER_NODE="1",
-                    SKIP_CHECK="1", FAKE_SLEEP="60", FAKE_EXIT_ON_TERM="3")
+def sbatch_then_sigterm(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """Start the sbatch script, wait until both nodes' torchrun started, SIGTERM the batch shell."""
+    log.write_text("")
     p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
@@ -225,33 +223,27 @@ def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
         assert time.time() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=30)
+    return p, p.communicate(timeout=30)[1]
+
+
+def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
+    """The trap path: SIGTERM to the batch shell -> srun -> torchrun, wait for it, requeue."""
+    bin_dir, log, python = fakes
+    env = slurm_env(bin_dir, log, ["gpu-a17", "gpu-b03"], job_id=555, PYTHON=str(python), GPUS_PER_NODE="1",
+                    SKIP_CHECK="1", FAKE_SLEEP="60", FAKE_EXIT_ON_TERM="3")
+    p, err = sbatch_then_sigterm(env, log)
     entries = read_log(log)
     assert [e["signal"] for e in entries if "signal" in e] == ["SIGTERM", "SIGTERM"]    # both nodes got it
     assert p.returncode == 3, err                                                     # the job's status
     assert {"tool": "scontrol", "argv": "requeue 555"} in entries
     assert "got SIGTERM" in err and "requeueing job 555" in err
     # MAX_REQUEUES reached: no more requeues
-    log.write_text("")
     env.update(SLURM_RESTART_COUNT="2", MAX_REQUEUES="2")
-    p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while len([e for e in read_log(log) if is_torchrun(e)]) < 2:
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=30)
+    p, err = sbatch_then_sigterm(env, log)
     assert not any(e["tool"] == "scontrol" and "requeue" in e["argv"] for e in read_log(log))
     assert "not again" in err
     # the ranks exit 0 on the signal (training had just finished): nothing to requeue
-    log.write_text("")
     env.update(SLURM_RESTART_COUNT="0", FAKE_EXIT_ON_TERM="0")
-    p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while len([e for e in read_log(log) if is_torchrun(e)]) < 2:
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=30)
+    p, err = sbatch_then_sigterm(env, log)
     assert p.returncode == 0 and "no requeue" in err
     assert not any(e["tool"] == "scontrol" and "requeue" in e["argv"] for e in read_log(log))
