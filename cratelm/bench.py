@@ -33,9 +33,10 @@ VARIANTS: dict[str, dict] = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings are real."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, trials: int = 8) -> float:
@@ -47,10 +48,10 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | No
     a @ b
     best = 0.0
     for _ in range(trials):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e12)
     return best
 
@@ -73,13 +74,13 @@ def bench_model(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, 
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     dt = (time.perf_counter() - t0) / steps
     tokens = batch * seq_len
     out = {"step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
@@ -102,10 +103,10 @@ def bench_eval(cfg: ModelConfig, n_windows: int, batch: int, device: torch.devic
     C = cfg.context
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=n_windows * C + 1)
     score_stream(model, tokens[: 2 * C + 1], C, C, batch, device, dtype)       # warm-up
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     nll, n = score_stream(model, tokens, C, C, batch, device, dtype)
-    _sync(device)
+    sync(device)
     fast = time.perf_counter() - t0
     stream = torch.as_tensor(tokens, device=device)
     naive_nll = 0.0
@@ -115,7 +116,7 @@ def bench_eval(cfg: ModelConfig, n_windows: int, batch: int, device: torch.devic
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)[0, : len(y)]
         naive_nll -= torch.log_softmax(logits.float(), -1).gather(1, y[:, None]).sum().item()
-    _sync(device)
+    sync(device)
     naive = time.perf_counter() - t0
     return {"tokens": n, "eval_tokens_per_s": n / fast, "naive_tokens_per_s": n / naive,
             "speedup": naive / fast, "loss": nll / n, "naive_loss": naive_nll / n}

@@ -24,8 +24,6 @@ def config_from_args(args: argparse.Namespace):
     return load_config(files, overrides)
 
 
-_load = config_from_args
-
 
 # ------------------------------------------------------------------------------ show-config
 def add_show_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +34,7 @@ def add_show_config_arguments(p: argparse.ArgumentParser) -> None:
 def run_show_config(args: argparse.Namespace) -> int:
     from cratelm.config import SECTIONS, dumps, field_docs
 
-    cfg = _load(args)
+    cfg = config_from_args(args)
     if not args.docs:
         print(dumps(cfg), end="")
         return 0
@@ -56,7 +54,7 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from cratelm.model.accounting import model_info
 
-    print(json.dumps(model_info(_load(args).model), indent=2))
+    print(json.dumps(model_info(config_from_args(args).model), indent=2))
     return 0
 
 

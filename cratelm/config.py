@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,7 +323,7 @@ def _deep_merge(base: dict, new: dict) -> dict:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise naming ``where``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]

@@ -50,9 +50,9 @@ def step(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
 
 
-def sh(cmd: list[str], env: dict | None = None) -> None:
+def sh(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
+    subprocess.run(cmd, check=True)
 
 
 def prepare(data_dir: Path, vocab: int, max_files: int | None, val: int) -> None:

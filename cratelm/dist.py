@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now ("" = every interface of this host)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def close_process_group() -> None:

@@ -36,6 +36,7 @@ import shutil
 import socket
 import sys
 
+from cratelm.dist import free_port
 from cratelm.hostfile import LaunchError, deepspeed_exports, rank_ranges, read_hostfile, select_resources
 # re-exported: tests and scripts import these from here
 from cratelm.hostfile import HOSTFILE_LINE, parse_hostfile  # noqa: F401
@@ -228,7 +229,7 @@ def probe_master(addr: str, port: int, role: str = "head", timeout: float = 3.0)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     return (f"master port {port} is already in use on this host ({addr}); "
-                            f"pick another --master_port, e.g. {free_port()}")
+                            f"pick another --master_port, e.g. {free_port("")}")
                 return f"cannot bind master port {port} on this host ({addr}): {e.strerror}"
         return None
     if role == "master":
@@ -267,13 +268,6 @@ def _is_this_host(host: str) -> bool:
     except socket.gaierror:
         return False
     return any(_is_local_address(f, sa[0]) for f, _, _, _, sa in infos)
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the check

@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 
+from cratelm.bench import sync
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -61,16 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- measuring
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time_ms(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
     """Median milliseconds of fn() after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(reps):
         if device == "cuda":

@@ -31,12 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cratelm.bench import measured_matmul_tflops
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from cratelm.bench import measured_matmul_tflops, sync
 
 
 def write_random_corpus(out: Path, vocab: int, tokens: int, seed: int = 0) -> Path:
@@ -107,17 +102,17 @@ def interleaved(cfg, steps: int, workdir: Path, device: torch.device, dtype: tor
     t_eng, t_plain = [], []
     for s in range(steps):
         set_lr(trainer.engine.optimizer, lr_at(s, cfg.optim, cfg.train.max_steps))
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         trainer._train_step()
-        _sync(device)
+        sync(device)
         t_eng.append(time.perf_counter() - t0)
         for g in plain.opt.param_groups:
             g["lr"] = lr_at(s, cfg.optim, cfg.train.max_steps)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         plain.step()
-        _sync(device)
+        sync(device)
         t_plain.append(time.perf_counter() - t0)
     trainer.metrics.close()
     return t_eng, t_plain

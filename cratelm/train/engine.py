@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from cratelm.config import BatchPlan, ConfigError, JobConfig, batch_plan
+from cratelm.dist import free_port
 
 PARTITIONS = ("parameters", "uniform")          # or "type:REGEX"
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -196,12 +196,6 @@ def _check_merged(config: dict[str, Any], t, where: str) -> None:
 
 # ----------------------------------------------------------------------------- process group
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(dev_type: str | None = None) -> DistEnv:
     """Start the process group (gloo on CPU, nccl on CUDA). A plain process without a
     launcher becomes a 1-rank group on 127.0.0.1 (DeepSpeed would otherwise try MPI)."""
@@ -213,7 +207,7 @@ def init_distributed(dev_type: str | None = None) -> DistEnv:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
                           LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     env = dist_env()
     if dev_type == "cuda":

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from cratelm.config import ModelConfig
 from cratelm.data import IndexedTokens, Tokenizer
 from cratelm.data.prepare import prepare_corpus
+from cratelm.dist import free_port
 from cratelm.evaluate import score_stream
 from cratelm.model import CrateLM
 from cratelm.model.io import load_model, save_model
@@ -39,12 +39,6 @@ def world(tmp_path_factory):
     cfg = ModelConfig(n_layer=2, d_model=32, n_head=4, vocab_size=tok.vocab_size, context=CTX)
     save_model(CrateLM(cfg, seed=1), cfg, root / "model", tokenizer=str(corpus / "tokenizer.model"))
     return root, corpus
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, env=None, check=True):

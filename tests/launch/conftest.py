@@ -5,21 +5,16 @@ stand-ins for the SLURM tools (srun, scontrol) that log their arguments."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from cratelm.dist import free_port  # noqa: F401  (the tests import it from here)
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(*path_first: Path, **extra: str) -> dict[str, str]:

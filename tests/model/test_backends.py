@@ -79,12 +79,12 @@ def test_unknown_and_unavailable_backends_are_explicit():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["flash", "triton"])
-def test_cuda_backends_match_sdpa_bf16(backend):
-    if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+def test_flash_matches_sdpa_bf16():
+    # (the triton kernel's bf16 checks against sdpa live in tests/kernels/test_triton_mssa.py)
+    if importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn not installed")
     w = torch.randn(2, 12, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, ref = attention(w, backend=backend), attention(w, backend="sdpa")
+    out, ref = attention(w, backend="flash"), attention(w, backend="sdpa")
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 

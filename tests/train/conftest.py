@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from cratelm.dist import free_port  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 64
@@ -85,12 +86,6 @@ def job_config(corpus: Path, run_dir: Path, **sections) -> dict:
 def write_yaml(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env() -> dict[str, str]:
