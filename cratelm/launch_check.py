@@ -229,7 +229,7 @@ def probe_master(addr: str, port: int, role: str = "head", timeout: float = 3.0)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     return (f"master port {port} is already in use on this host ({addr}); "
-                            f"pick another --master_port, e.g. {free_port("")}")
+                            f"pick another --master_port, e.g. {free_port('')}")
                 return f"cannot bind master port {port} on this host ({addr}): {e.strerror}"
         return None
     if role == "master":
