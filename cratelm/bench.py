@@ -20,6 +20,7 @@ import torch
 from cratelm.commands import add_config_arguments, config_from_args
 from cratelm.config import ModelConfig
 from cratelm.model import CrateLM, flops_per_token
+from cratelm.utils import measured_matmul_tflops, sync
 
 # variant -> model config changes. "fast" is the config as given (cratelm's defaults: sdpa on
 # q=k=v, two-matmul ISTA, chunked loss); "triton" our tied-QKV kernel + fused ISTA; "authors"
@@ -31,29 +32,6 @@ VARIANTS: dict[str, dict] = {
     "gpt2": {"arch": "gpt2", "attn_backend": "sdpa", "ista_impl": "torch"},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: str | torch.device) -> None:
-    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings are real."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, trials: int = 8) -> float:
-    """The best rate (TFLOP/s) of an n x n x n matmul over ``trials``: the MFU denominator,
-    measured on this device in this run (the best trial: other processes only slow it down)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e12)
-    return best
 
 
 def bench_model(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,

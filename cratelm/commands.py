@@ -1,10 +1,29 @@
-"""Small subcommands: show-config, info, import-crate-gpt, generate."""
+"""The CLI layer of the subcommands: ``add_<name>_arguments(parser)`` and a thin
+``run_<name>(args) -> exit code`` that turns the arguments into a typed call.
+
+Each subcommand is a function callable from Python with its config or typed arguments:
+
+    show-config       show_config(cfg, docs)                  here
+    info              cratelm.model.accounting.model_info(cfg.model)
+    import-crate-gpt  cratelm.checkpoints.import_crate_gpt(src, dst, tokenizer)
+    generate          generate(checkpoint, prompt, ...)       here
+    train             cratelm.train.train(cfg, resume)
+    export            cratelm.checkpoints.export(path, out_dir)
+    eval              cratelm.evaluate.evaluate_checkpoint(checkpoint, data, ...)
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from cratelm.config import JobConfig
 
 
 def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -14,7 +33,7 @@ def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> 
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides (win over files)")
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> JobConfig:
     """The JobConfig of ``--config`` files and overrides (``--config a.yaml k=v`` works too:
     argparse hands words with '=' after --config to the file list; they are overrides)."""
     from cratelm.config import load_config
@@ -24,25 +43,28 @@ def config_from_args(args: argparse.Namespace):
     return load_config(files, overrides)
 
 
-
 # ------------------------------------------------------------------------------ show-config
+def show_config(cfg: JobConfig, docs: bool = False) -> str:
+    """The resolved config as YAML, or (``docs``) each field with its one-line documentation."""
+    from cratelm.config import SECTIONS, dumps, field_docs
+
+    if not docs:
+        return dumps(cfg)
+    lines = []
+    for sec, cls in SECTIONS.items():
+        lines.append(f"{sec}:")
+        doc = field_docs(cls)
+        lines += [f"  {name}: {json.dumps(value)}  # {doc.get(name, '')}" for name, value in vars(getattr(cfg, sec)).items()]
+    return "".join(line + "\n" for line in lines)
+
+
 def add_show_config_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--docs", action="store_true", help="print each field's one-line documentation too")
 
 
 def run_show_config(args: argparse.Namespace) -> int:
-    from cratelm.config import SECTIONS, dumps, field_docs
-
-    cfg = config_from_args(args)
-    if not args.docs:
-        print(dumps(cfg), end="")
-        return 0
-    for sec, cls in SECTIONS.items():
-        print(f"{sec}:")
-        docs = field_docs(cls)
-        for name, value in vars(getattr(cfg, sec)).items():
-            print(f"  {name}: {json.dumps(value)}  # {docs.get(name, '')}")
+    print(show_config(config_from_args(args), args.docs), end="")
     return 0
 
 
@@ -66,7 +88,7 @@ def add_import_crate_gpt_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_import_crate_gpt(args: argparse.Namespace) -> int:
-    from cratelm.model.io import import_crate_gpt
+    from cratelm.checkpoints import import_crate_gpt
 
     out = import_crate_gpt(args.src, args.dst, tokenizer=args.tokenizer)
     print(f"imported {args.src} -> {out}")
@@ -74,6 +96,55 @@ def run_import_crate_gpt(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ generate
+def generate(checkpoint: str | os.PathLike, prompt: str = "", tokenizer: str | None = None,
+             max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200, seed: int = 1337,
+             num_samples: int = 1, device: str = "cpu", out: TextIO | None = None) -> list[str]:
+    """Sample ``num_samples`` continuations of ``prompt`` (empty: start from the EOS token) from
+    any model `cratelm.checkpoints.load_model` reads; each is streamed to ``out`` as it grows
+    (prompt, text, then a separator line between samples). Returns the continuations.
+    Raises ValueError when the tokenizer is missing or differs from the model's."""
+    import torch
+
+    from cratelm.checkpoints import load_model
+    from cratelm.evaluate import checked_tokenizer
+
+    model, meta = load_model(checkpoint, device)
+    tok, _ = checked_tokenizer(tokenizer, meta, str(checkpoint))
+    if tok is None:
+        raise ValueError(f"{checkpoint} records no tokenizer; pass --tokenizer PATH")
+    ids = tok.encode(prompt) if prompt else [tok.eos_id]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    for n in range(num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        _write(out, prompt)
+        shown = 0
+        for text in _decoded(tok, model.stream(idx, max_new_tokens, temperature, top_k, generator=gen)):
+            _write(out, text[shown:])
+            shown = len(text)
+        texts.append(text)
+        _write(out, "\n" + ("-" * 40 + "\n" if n + 1 < num_samples else ""))
+    return texts
+
+
+def _decoded(tok, stream: Iterator) -> Iterator[str]:
+    """The decoded text so far after each new token, held back while it ends in a partial
+    character (byte-fallback pieces join up); the whole text at the end."""
+    out: list[int] = []
+    for nxt in stream:
+        out.append(int(nxt))
+        text = tok.decode(out)            # decode the whole tail
+        if not text.endswith("\ufffd"):
+            yield text
+    yield tok.decode(out)
+
+
+def _write(out: TextIO | None, text: str) -> None:
+    if out is not None and text:
+        out.write(text)
+        out.flush()
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="exported model dir, run dir, or authors' .pt file")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from the EOS token)")
@@ -96,33 +167,91 @@ def _cuda() -> bool:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from cratelm.evaluate import checked_tokenizer
-    from cratelm.model.io import load_model
-
-    model, meta = load_model(args.checkpoint, args.device)
     try:
-        tok, _ = checked_tokenizer(args.tokenizer, meta, str(args.checkpoint))
+        generate(args.checkpoint, args.prompt, args.tokenizer, args.max_new_tokens, args.temperature, args.top_k,
+                 args.seed, args.num_samples, args.device, out=sys.stdout)
     except ValueError as e:
         raise SystemExit(f"cratelm generate: error: {e}") from None
-    if tok is None:
-        raise SystemExit(f"{args.checkpoint} records no tokenizer; pass --tokenizer PATH")
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    for n in range(args.num_samples):
-        idx = torch.tensor([ids], dtype=torch.long, device=args.device)
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-        out: list[int] = []
-        shown = 0
-        for nxt in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen):
-            out.append(int(nxt))
-            text = tok.decode(out)            # decode the whole tail: byte-fallback pieces join up
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-        sys.stdout.write(tok.decode(out)[shown:])
-        sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------ train
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="auto: the newest complete checkpoint of train.run_dir, or a fresh start if none; "
+                             "PATH: a run directory or checkpoint directory")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (LOCAL_RANK is read from the environment too)")
+    parser.add_argument("--verbose", action="store_true", help="DeepSpeed's INFO logs")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cratelm.config import ConfigError
+    from cratelm.dist import close_process_group
+    from cratelm.train import trainer
+    from cratelm.train.engine import dist_env
+
+    try:
+        cfg = config_from_args(args)
+        if args.local_rank is not None:
+            dist_env(args.local_rank)
+        job = trainer.train(cfg, args.resume, args.verbose)
+        close_process_group()
+    except ConfigError as e:
+        print(f"cratelm train: config error: {e}", file=sys.stderr, flush=True)
+        return trainer.EXIT_CONFIG
+    return job.exit_code
+
+
+# ------------------------------------------------------------------------------ export
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="RUN_OR_CKPT_DIR",
+                        help="a run directory (its latest complete checkpoint) or a checkpoint directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write model.safetensors + config.json")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from cratelm.checkpoints import export
+
+    try:
+        out = export(args.path, args.out_dir)
+    except FileNotFoundError as e:
+        print(f"cratelm export: {e}", file=sys.stderr)
+        return 1
+    print(f"cratelm export: wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="exported model dir, training run/checkpoint dir, or an authors' CRATE-GPT .pt file")
+    p.add_argument("--data", nargs="+", required=True, help="token shards (dir/val.bin) and/or UTF-8 text files")
+    p.add_argument("--stride", type=int, default=None, help="window stride S (default: the context C)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model for raw text (default: the checkpoint's)")
+    p.add_argument("--json", default=None, help="write {'results': [...]} here")
+    p.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cratelm.dist import close_process_group, rank
+    from cratelm.evaluate import evaluate_checkpoint, markdown
+
+    try:
+        results = evaluate_checkpoint(args.checkpoint, args.data, args.tokenizer, args.stride, args.batch_size,
+                                      args.device, args.dtype)
+    except (ValueError, FileNotFoundError) as e:   # bad data or tokenizer: the message says what and where
+        print(f"cratelm eval: error: {e}", file=sys.stderr)
+        return 2
+    if rank() == 0:
+        print(markdown(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint),
+                                                   "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    close_process_group()
     return 0

@@ -19,12 +19,10 @@ known: raw text, and shards whose meta.json records it).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cratelm.dist import close_process_group
+from cratelm.dist import all_reduce
 
 
 LOGIT_CHUNK = 1 << 24   # logits computed at once (64 MiB in fp32)
@@ -112,13 +110,8 @@ def _dist() -> tuple[int, int]:
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    """Sums over ranks in float64 (on the device the process group needs), or ``values`` alone."""
+    return all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int | None, str]:
@@ -192,38 +185,20 @@ def markdown(results: list[EvalResult]) -> str:
     return "\n".join(rows)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="exported model dir, training run/checkpoint dir, or an authors' CRATE-GPT .pt file")
-    p.add_argument("--data", nargs="+", required=True, help="token shards (dir/val.bin) and/or UTF-8 text files")
-    p.add_argument("--stride", type=int, default=None, help="window stride S (default: the context C)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model for raw text (default: the checkpoint's)")
-    p.add_argument("--json", default=None, help="write {'results': [...]} here")
-    p.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: list[str], tokenizer: str | None = None,
+                        stride: int | None = None, batch_size: int = 8, device: str | None = None,
+                        dtype: str | None = None, progress: bool = True) -> list[EvalResult]:
+    """``cratelm eval``: load any model (`cratelm.checkpoints.load_model`), check the tokenizer
+    against it, and score every corpus of ``data``. ``device`` defaults to this rank's GPU if
+    any, else cpu; ``dtype`` ("fp32" / "bf16") to bf16 on GPU, fp32 on CPU. Raises ValueError /
+    FileNotFoundError naming the bad file."""
+    from cratelm.checkpoints import load_model
 
-
-def run(args: argparse.Namespace) -> int:
-    from cratelm.model.io import load_model
-
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device != "cpu" else "fp32")]
-    model, meta = load_model(args.checkpoint, device)
-    try:
-        tokenizer, meta = checked_tokenizer(args.tokenizer, meta, str(args.checkpoint))
-        if not meta.get("tokenizer_sha256"):
-            print(f"cratelm eval: note: {args.checkpoint} records no tokenizer; shards are not checked against it",
-                  file=sys.stderr)
-        results = evaluate(model, args.data, meta, tokenizer, args.stride, args.batch_size, device, dtype)
-    except (ValueError, FileNotFoundError) as e:   # bad data or tokenizer: the message says what and where
-        print(f"cratelm eval: error: {e}", file=sys.stderr)
-        return 2
-    if _dist()[0] == 0:
-        print(markdown(results))
-        if args.json:
-            Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint),
-                                                   "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    close_process_group()
-    return 0
-
+    device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype or ("bf16" if device != "cpu" else "fp32")]
+    model, meta = load_model(checkpoint, device)
+    tok, meta = checked_tokenizer(tokenizer, meta, str(checkpoint))
+    if not meta.get("tokenizer_sha256"):
+        print(f"cratelm eval: note: {checkpoint} records no tokenizer; shards are not checked against it",
+              file=sys.stderr)
+    return evaluate(model, data, meta, tok, stride, batch_size, device, torch_dtype, progress)

@@ -13,7 +13,6 @@ most ``input_sentence_size`` lines: the same inputs give the same model file, by
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import itertools
 import os
@@ -28,6 +27,7 @@ import sentencepiece as spm
 
 from cratelm.data import sources as src_lib
 from cratelm.data.indexed import atomic_path
+from cratelm.utils import file_sha256  # noqa: F401  (also imported from here)
 
 LOSSLESS_OPTIONS: dict[str, Any] = {
     "normalization_rule_name": "identity",  # no NFKC: keep every code point as written
@@ -39,15 +39,6 @@ LOSSLESS_OPTIONS: dict[str, Any] = {
 LINE_SYMBOLS = ["\n", "\t"]
 META_SYMBOL = "\u2581"   # sentencepiece's visible space, a character like any other in our texts
 MODEL_TYPES = ("bpe", "unigram")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Tokenizer:

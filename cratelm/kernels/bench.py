@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from cratelm.bench import sync
+from cratelm.utils import sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -25,7 +25,8 @@ from cratelm.config import ModelConfig
 from cratelm.kernels.loss import lm_head_loss
 from cratelm.model.gpt2 import GPT2Block
 from cratelm.model.ista import ISTA
-from cratelm.model.mssa import MSSA, TokenCache
+from cratelm.model.generate import TokenCache, sample_next
+from cratelm.model.mssa import MSSA
 
 
 class CrateBlock(nn.Module):
@@ -168,8 +169,6 @@ class CrateLM(nn.Module):
         ``context`` tokens the window slides and the cache is rebuilt from the last
         ``context`` tokens (learned positions cannot be shifted).
         """
-        from cratelm.model.generate import sample_next
-
         cache = None
         for _ in range(max_new_tokens):
             window = idx[:, -self.cfg.context:]

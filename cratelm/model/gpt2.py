@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cratelm.config import ModelConfig
 from cratelm.kernels import attention_qkv
-from cratelm.model.mssa import TokenCache
+from cratelm.model.generate import TokenCache
 
 
 class CausalSelfAttention(nn.Module):

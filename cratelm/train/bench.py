@@ -3,7 +3,7 @@ same model stepped by a plain PyTorch loop, on the same batch shapes, one proces
 
     python -m cratelm.train.bench --d-model 256 --n-layer 4 --context 256 --micro-batch 8 --steps 30
 
-1. cratelm train: the trainer's own optimizer step (``Trainer._train_step``: DeepSpeed
+1. cratelm train: the trainer's own optimizer step (``Engine.train_step``: DeepSpeed
    engine forward + backward + step, the per-step all-reduce of loss / NaN / stop flags,
    batches read from memory-mapped shards), built exactly as ``cratelm train`` builds it.
 2. plain: ``CrateLM`` + ``torch.optim.AdamW`` (two parameter groups, fused on CUDA),
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cratelm.bench import measured_matmul_tflops, sync
+from cratelm.utils import measured_matmul_tflops, sync
 
 
 def write_random_corpus(out: Path, vocab: int, tokens: int, seed: int = 0) -> Path:
@@ -59,7 +59,7 @@ class PlainLoop:
     def __init__(self, cfg, windows, device: torch.device, dtype: torch.dtype) -> None:
         from cratelm.data import BatchSampler
         from cratelm.model.crate import CrateLM
-        from cratelm.train.engine import param_groups
+        from cratelm.train.optimizer import param_groups
 
         m, t, o = cfg.model, cfg.train, cfg.optim
         self.cfg, self.device, self.dtype = cfg, device, dtype
@@ -82,12 +82,13 @@ class PlainLoop:
 
 
 def interleaved(cfg, steps: int, workdir: Path, device: torch.device, dtype: torch.dtype) -> tuple[list, list]:
-    """Seconds per step of `cratelm train`'s step (Trainer._train_step: the DeepSpeed engine's
+    """Seconds per step of `cratelm train`'s step (Engine.train_step: the DeepSpeed engine's
     forward/backward/step, the per-step all-reduce, the LR, the data) and of the plain loop,
     alternating step by step so that both see the same machine load."""
     from cratelm.train.schedule import lr_at, set_lr
     from cratelm.train.trainer import Trainer, prepare
-    from cratelm.train.engine import device_type, init_distributed, quiet_deepspeed
+    from cratelm.train.ds_config import device_type
+    from cratelm.train.engine import init_distributed, quiet_deepspeed
 
     corpus = write_random_corpus(workdir / "corpus", cfg.model.vocab_size,
                                  tokens=(2 * steps + 4) * cfg.train.micro_batch * (cfg.model.context + 1) + 1)
@@ -104,7 +105,7 @@ def interleaved(cfg, steps: int, workdir: Path, device: torch.device, dtype: tor
         set_lr(trainer.engine.optimizer, lr_at(s, cfg.optim, cfg.train.max_steps))
         sync(device)
         t0 = time.perf_counter()
-        trainer._train_step()
+        trainer.engine.train_step(trainer.sampler)
         sync(device)
         t_eng.append(time.perf_counter() - t0)
         for g in plain.opt.param_groups:

@@ -164,6 +164,8 @@ def save(engine, run_dir: str | os.PathLike, step: int, meta: dict[str, Any], ra
     """Write checkpoint ``step`` (every rank calls this; see the module docstring)."""
     import torch.distributed as dist
 
+    from cratelm.dist import barrier
+
     rank = dist.get_rank()
     root = Path(run_dir) / CKPT_DIR
     tag = tag_of(step)
@@ -172,19 +174,19 @@ def save(engine, run_dir: str | os.PathLike, step: int, meta: dict[str, Any], ra
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():                     # an interrupted attempt at this very step
             shutil.rmtree(path)
-    dist.barrier()
+    barrier()
     engine.ds.save_checkpoint(str(root), tag=tag, client_state={"cratelm": meta}, save_latest=False)
     path.mkdir(parents=True, exist_ok=True)
     _torch_save_atomic(rank_state, path / f"rank_{rank:05d}.pt")
     if os.environ.get(FAULT_ENV) == str(step):
         os._exit(86)
-    dist.barrier()
+    barrier()
     if rank == 0:
         _write_atomic(path / MARKER, (json.dumps({**meta, "format": FORMAT, "version": 1, "tag": tag,
                                                   "complete": True}, indent=2) + "\n").encode())
         _write_atomic(root / LATEST, tag.encode())
         prune(root, keep_last, path)
-    dist.barrier()
+    barrier()
     return path
 
 

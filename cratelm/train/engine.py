@@ -1,41 +1,32 @@
-"""DeepSpeed wiring: job checks, the generated DeepSpeed config, process-group setup,
-parameter groups, the optimizer, and the engine (plain or pipeline).
+"""The DeepSpeed engine: process-group setup, the engine (plain or pipeline), and one
+optimizer step behind `Engine.train_step` (the micro-step machinery the trainer's loop
+does not need to see).
 
-Everything that can be wrong with a job is checked by `check_job` and `ds_config`
-*before* a process group exists (they read only the config, the launcher's environment
-and the optional DeepSpeed JSON), so a bad config fails in a second, with the numbers.
+Per optimizer step: ``grad_accum`` micro-batches forward + backward, one small all-reduce
+of (loss sum, non-finite count, stop flag) so that every rank takes the same decision,
+then the DeepSpeed step (skipped when train.nan_policy=skip saw a non-finite loss). The
+pipeline engine runs the micro-batches itself (``train_batch``).
 
-The batch triple is derived once (`cratelm.config.batch_plan`) and asserted:
-global batch = micro batch x gradient accumulation x data-parallel size, where the
-data-parallel size is world size / pipeline stages.
-
-Optimizer. AdamW with two parameter groups (weight decay on 2-D tensors only), built by
-cratelm and handed to DeepSpeed as a client optimizer: ``torch.optim.AdamW(fused=True)``
-on CUDA, ``torch.optim.AdamW`` on CPU (DeepSpeed's ``"torch_adam": true``; no compiled
-ops), DeepSpeed's ``DeepSpeedCPUAdam`` when ZeRO offloads optimizer state from a GPU. The
-optimizer can skip a step (``skip_next``), which is how ``train.nan_policy=skip`` drops
-an update after a non-finite loss on any rank. The learning rate is written into its
-groups by the trainer before every step (cratelm.train.schedule).
+Checks and the generated DeepSpeed config: `cratelm.train.ds_config`; the optimizer:
+`cratelm.train.optimizer`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from cratelm.config import BatchPlan, ConfigError, JobConfig, batch_plan
-from cratelm.dist import free_port
-
-PARTITIONS = ("parameters", "uniform")          # or "type:REGEX"
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+from cratelm.config import BatchPlan, ConfigError, JobConfig, ModelConfig
+from cratelm.dist import all_reduce, free_port, gather_object
+from cratelm.train.ds_config import device_type
+from cratelm.train.optimizer import make_optimizer, param_groups
 
 
 # ----------------------------------------------------------------------------- the launcher's environment
@@ -72,128 +63,6 @@ def dist_env(local_rank: int | None = None) -> DistEnv:
                    local_rank=int(os.environ.get("LOCAL_RANK", 0)), launched=launched)
 
 
-def device_type() -> str:
-    """cuda when a GPU is visible, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ----------------------------------------------------------------------------- config-time checks
-
-def check_job(cfg: JobConfig, world_size: int, dev_type: str | None = None) -> BatchPlan:
-    """Every check that needs no process group; returns the batch plan. Raises ConfigError."""
-    dev_type = dev_type or device_type()
-    m, t, o = cfg.model, cfg.train, cfg.optim
-    plan = batch_plan(t, world_size)
-    if t.precision == "fp16" and dev_type != "cuda":
-        raise ConfigError("train.precision=fp16 is not supported on CPU (DeepSpeed's CPU accelerator has no "
-                          "fp16 training); use bf16 or fp32")
-    part = t.pipeline_partition
-    if not (part in PARTITIONS or part.startswith("type:")):
-        raise ConfigError(f"train.pipeline_partition={part!r}: choose parameters, uniform or type:REGEX")
-    if part.startswith("type:"):
-        try:
-            re.compile(part[5:], re.IGNORECASE)
-        except re.error as e:
-            raise ConfigError(f"train.pipeline_partition={part!r}: bad regular expression ({e})") from None
-    if t.pipeline_stages > 1 and part == "uniform" and m.n_layer % t.pipeline_stages:
-        raise ConfigError(f"train.pipeline_partition=uniform puts the same number of blocks on every stage: "
-                          f"model.n_layer={m.n_layer} is not divisible by train.pipeline_stages={t.pipeline_stages} "
-                          f"({m.n_layer} = {m.n_layer // t.pipeline_stages} x {t.pipeline_stages} "
-                          f"+ {m.n_layer % t.pipeline_stages}); use pipeline_partition=parameters or change n_layer")
-    end = o.decay_steps if o.decay_steps is not None else t.max_steps
-    if end < o.warmup_steps:
-        raise ConfigError(f"optim.decay_steps={end} (None = train.max_steps) is shorter than "
-                          f"optim.warmup_steps={o.warmup_steps}")
-    if t.pipeline_stages > 1 and t.offload_optimizer:
-        raise ConfigError("train.offload_optimizer=true is not supported with train.pipeline_stages > 1")
-    if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
-        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} does not exist")
-    return plan
-
-
-def _merge(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def ds_config(cfg: JobConfig, plan: BatchPlan, dev_type: str | None = None) -> dict[str, Any]:
-    """The DeepSpeed config generated from ``cfg``, with train.deepspeed_config merged over it."""
-    dev_type = dev_type or device_type()
-    t, o = cfg.train, cfg.optim
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dev_type == "cuda"}
-    gen: dict[str, Any] = {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": o.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        # cratelm builds AdamW itself (a torch optimizer that can skip a step): ZeRO accepts it
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,            # cratelm prints its own line
-        "wall_clock_breakdown": False,
-    }
-    if t.offload_optimizer and dev_type != "cuda":
-        gen["zero_force_ds_cpu_optimizer"] = False   # torch AdamW on CPU state: no compiled op
-    if t.activation_checkpointing:
-        gen["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False,
-                                           "contiguous_memory_optimization": False,
-                                           "synchronize_checkpoint_boundary": False}
-    if t.pipeline_stages > 1:
-        gen["pipeline"] = {"activation_checkpoint_interval": 1 if t.activation_checkpointing else 0}
-    if not t.deepspeed_config:
-        _check_merged(gen, t, "the config")
-        return gen
-    try:
-        user = json.loads(Path(t.deepspeed_config).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config}: cannot read it as JSON ({e})") from None
-    if not isinstance(user, dict):
-        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} must hold a JSON object")
-    for key in BATCH_KEYS:
-        if key in user and user[key] != gen[key]:
-            raise ConfigError(
-                f"train.deepspeed_config={t.deepspeed_config} sets {key}={user[key]} but the cratelm config gives "
-                f"{key}={gen[key]} (global batch {plan.global_batch} = micro_batch {plan.micro_batch} x "
-                f"grad_accum {plan.grad_accum} x data-parallel size {plan.dp_size}); set the batch in the "
-                f"train section, or make the two agree")
-    for key in ("optimizer", "scheduler"):
-        if key in user:
-            raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} has a '{key}' section; cratelm builds "
-                              f"AdamW and the LR schedule from the optim section (remove '{key}')")
-    merged = _merge(gen, user)
-    stage = merged.get("zero_optimization", {}).get("stage", 0)
-    if t.pipeline_stages > 1 and stage >= 2:
-        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} sets zero_optimization.stage={stage}, "
-                          f"which cannot be combined with train.pipeline_stages={t.pipeline_stages}")
-    if merged.get("fp16", {}).get("enabled") and dev_type != "cuda":
-        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} enables fp16, which DeepSpeed does not "
-                          "support on CPU")
-    _check_merged(merged, t, f"train.deepspeed_config={t.deepspeed_config}")
-    return merged
-
-
-def _check_merged(config: dict[str, Any], t, where: str) -> None:
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    offload = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    if (offload not in ("none", None)) != t.offload_optimizer:
-        # the optimizer cratelm builds (CPU Adam or not) follows train.offload_optimizer
-        raise ConfigError(f"{where} sets zero_optimization.offload_optimizer.device={offload!r} but "
-                          f"train.offload_optimizer={str(t.offload_optimizer).lower()}; set offloading with "
-                          "train.offload_optimizer")
-    if t.pipeline_stages > 1 and config.get("bf16", {}).get("enabled") and stage == 0:
-        raise ConfigError(f"{where}: bf16 with train.pipeline_stages={t.pipeline_stages} needs ZeRO stage 1, not 0: "
-                          "DeepSpeed's bf16 ZeRO-0 pipeline engine accumulates gradients in bf16 and writes "
-                          "checkpoints it cannot load back (KeyError in its bf16 optimizer; DeepSpeed 0.19.8); "
-                          "set train.zero_stage=1")
-
-
 # ----------------------------------------------------------------------------- process group
 
 def init_distributed(dev_type: str | None = None) -> DistEnv:
@@ -228,68 +97,6 @@ def quiet_deepspeed(verbose: bool = False) -> None:
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-# ----------------------------------------------------------------------------- optimizer
-
-def param_groups(named_parameters, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay on every 2-D tensor (matrices, embeddings), none on LayerNorm
-    weights and biases. A tied tensor is listed once."""
-    decay, no_decay, seen = [], [], set()
-    for _, p in named_parameters:
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _skippable(base: type) -> type:
-    class Skippable(base):  # type: ignore[misc, valid-type]
-        """``base`` whose step() does nothing when ``skip_next`` is set, or (``check_grads``)
-        when any gradient of any rank is non-finite (one all-reduce per call)."""
-
-        def __init__(self, *args, check_grads: bool = False, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.skip_next = False
-            self.check_grads = check_grads
-            self.skipped = False          # set when a step was dropped; the trainer resets it
-
-        def _nonfinite_anywhere(self) -> bool:
-            import torch.distributed as dist
-
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            dev = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            flag = torch.zeros(1, device=dev)
-            for gr in grads:
-                flag += (~torch.isfinite(gr)).any().float()
-            if dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item() > 0)
-
-        @torch.no_grad()
-        def step(self, closure=None, **kwargs):
-            if self.skip_next or (self.check_grads and self._nonfinite_anywhere()):
-                self.skipped = True
-                return None
-            return super().step(closure, **kwargs)
-
-    Skippable.__name__ = Skippable.__qualname__ = f"Skippable{base.__name__}"
-    return Skippable
-
-
-def make_optimizer(groups: list[dict], cfg: JobConfig, dev_type: str, check_grads: bool = False):
-    """AdamW over ``groups``: fused on CUDA, torch's on CPU, DeepSpeedCPUAdam for ZeRO-Offload on GPU."""
-    o = cfg.optim
-    kwargs: dict[str, Any] = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
-    if cfg.train.offload_optimizer and dev_type == "cuda":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return _skippable(DeepSpeedCPUAdam)(groups, adamw_mode=True, check_grads=check_grads, **kwargs)
-    if dev_type == "cuda" and not cfg.train.offload_optimizer:
-        kwargs["fused"] = True
-    return _skippable(torch.optim.AdamW)(groups, check_grads=check_grads, **kwargs)
-
-
 # ----------------------------------------------------------------------------- the engine
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -309,6 +116,22 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 
 @dataclass
+class StepResult:
+    """What one optimizer step tells the loop; every rank gets the same values."""
+
+    loss: float
+    """Mean loss over the global batch (NaN when any micro-batch of any rank was non-finite)."""
+    nonfinite: bool
+    """Some rank saw a non-finite loss."""
+    stop: bool
+    """Some rank asked to stop (a signal arrived before the step's all-reduce)."""
+    skipped: bool
+    """The update was dropped (train.nan_policy=skip, or DeepSpeed's own overflow check)."""
+    grad_norm: float | None
+    """The global gradient norm of an applied step, when DeepSpeed knows it and it is finite."""
+
+
+@dataclass
 class Engine:
     """A DeepSpeed engine and what the loop needs to know about its place in the job."""
 
@@ -322,6 +145,7 @@ class Engine:
     stage: int
     num_stages: int
     device: torch.device
+    world_size: int
 
     @property
     def is_first_stage(self) -> bool:
@@ -336,9 +160,71 @@ class Engine:
         """The first stage reads the inputs and the last one the labels; middle stages read nothing."""
         return self.is_first_stage or self.is_last_stage
 
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale (None for bf16 / fp32)."""
+        opt = self.ds.optimizer
+        scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+        return float(scale) if self.ds.fp16_enabled() and scale is not None else None
+
     def skipped_steps(self) -> int:
         """Steps DeepSpeed itself skipped (fp16 overflow, non-finite gradient norm)."""
         return int(getattr(self.ds, "skipped_steps", 0))
+
+    def train_step(self, batches, stop: Callable[[], bool] = lambda: False, skip_nonfinite: bool = False,
+                   poison: bool = False) -> StepResult:
+        """One optimizer step over ``batches`` (a BatchSampler; the pipeline engine reads the
+        iterator it was given instead). ``stop()``: does this rank want to stop after the step
+        (asked at the all-reduce, so a signal during the step stops after it); ``skip_nonfinite``: drop the update when any rank's loss is non-finite; ``poison``:
+        make the first micro-batch's loss NaN (a test hook)."""
+        ds = self.ds
+        skipped_before = self.skipped_steps()
+        if self.pipeline:
+            loss_f = float(ds.train_batch().float().item())
+            flags = all_reduce(torch.tensor([float(not math.isfinite(loss_f)), float(stop())], device=self.device),
+                               op="max")
+            loss, bad, stop_all = loss_f, bool(flags[0] > 0), bool(flags[1] > 0)
+        else:
+            accum = ds.gradient_accumulation_steps()
+            total = torch.zeros((), device=self.device)
+            n_bad = torch.zeros((), device=self.device)
+            for a in range(accum):
+                x, y = batches.next_micro_batch()
+                out = ds(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                if poison and a == 0:
+                    out = out * float("nan")
+                ds.backward(out)
+                detached = out.detach().float()
+                total += torch.nan_to_num(detached, nan=0.0, posinf=0.0, neginf=0.0)
+                n_bad += (~torch.isfinite(detached)).float()
+                if a == accum - 1:        # the decision is taken before the last ds.step() applies the update
+                    stats = all_reduce(torch.stack([total, n_bad, torch.tensor(float(stop()), device=self.device)]))
+                    bad, stop_all = float(stats[1]) > 0, float(stats[2]) > 0
+                    loss = float(stats[0]) / (accum * self.dp_size) if not bad else math.nan
+                    self.optimizer.skip_next = skip_nonfinite and bad
+                ds.step()
+            self.optimizer.skip_next = False
+        skipped = self.optimizer.skipped or self.skipped_steps() > skipped_before
+        self.optimizer.skipped = False
+        grad_norm = None
+        if not skipped:
+            gn = ds.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None and math.isfinite(float(gn)) else None
+        return StepResult(loss, bad, stop_all, skipped, grad_norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batches, k: int) -> float:
+        """Mean loss over ``k`` micro-batches of ``batches`` per data-parallel rank, over all ranks."""
+        if self.pipeline:
+            loss = self.ds.eval_batch(iter(batches), num_micro_batches=k)
+            total = all_reduce(torch.tensor([float(loss.float().item())], device=self.device))
+            return float(total) / self.world_size         # the same value on every stage of a dp group
+        self.ds.eval()
+        total = torch.zeros(1, device=self.device)
+        for _ in range(k):
+            x, y = batches.next_micro_batch()
+            total += self.ds(x.to(self.device), y.to(self.device)).float()
+        self.ds.train()
+        return float(all_reduce(total)) / (k * self.dp_size)
 
 
 def build_engine(cfg: JobConfig, plan: BatchPlan, config: dict[str, Any], dev_type: str | None = None) -> Engine:
@@ -383,15 +269,14 @@ def build_engine(cfg: JobConfig, plan: BatchPlan, config: dict[str, Any], dev_ty
     assert engine.train_batch_size() == plan.global_batch, (engine.train_batch_size(), plan)
     assert engine.gradient_accumulation_steps() == plan.grad_accum, (engine.gradient_accumulation_steps(), plan)
     return Engine(ds=engine, optimizer=optimizer, pipeline=t.pipeline_stages > 1, dp_rank=dp_rank,
-                  dp_size=dp_size, stage=stage, num_stages=stages, device=torch.device(engine.device))
+                  dp_size=dp_size, stage=stage, num_stages=stages, device=torch.device(engine.device),
+                  world_size=dist.get_world_size())
 
 
 def clip_global(engine) -> float:
     """Clip the fp32 gradients of a ZeRO-0 engine to gradient_clipping by their global 2-norm
     (summed over the pipeline stages; a pipeline-replicated tied copy counted once); returns
     the norm before clipping. Gradients are already averaged over data-parallel ranks."""
-    import torch.distributed as dist
-
     params = [p for p in engine.module.parameters()
               if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
     device = params[0].grad.device if params else torch.device(engine.device)
@@ -399,7 +284,7 @@ def clip_global(engine) -> float:
     for p in params:
         sq += p.grad.detach().float().pow(2).sum()
     if hasattr(engine, "grid") and engine.num_stages > 1:
-        dist.all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
+        all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
     norm = float(sq.sqrt())
     coef = engine.gradient_clipping() / (norm + 1e-6)
     if coef < 1.0:
@@ -420,9 +305,8 @@ def gather_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
 
         mine = {k: v.detach().cpu() for k, v in local_crate_state(engine.ds.module).items()} \
             if engine.dp_rank == 0 else {}
-        parts: list[Any] = [None] * dist.get_world_size() if rank == 0 else None  # type: ignore[assignment]
-        dist.gather_object(mine, parts, dst=0)
-        if rank != 0:
+        parts = gather_object(mine, dst=0)
+        if parts is None:
             return None
         out: dict[str, torch.Tensor] = {}
         for part in parts:
@@ -432,3 +316,21 @@ def gather_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
         state = engine.ds._zero3_consolidated_16bit_state_dict()   # a collective; full dict on rank 0
         return dict(state) if rank == 0 else None
     return dict(engine.ds.module.state_dict()) if rank == 0 else None
+
+
+def full_model(engine: Engine, cfg: ModelConfig) -> nn.Module | None:
+    """The whole model on global rank 0 (None elsewhere): the engine's own module, or for
+    ZeRO-3 and the pipeline a CrateLM loaded from the gathered state (a collective)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if not engine.pipeline and engine.ds.zero_optimization_stage() < 3:
+        return engine.ds.module if rank == 0 else None
+    state = gather_state_dict(engine)
+    if rank != 0:
+        return None
+    from cratelm.model.crate import CrateLM
+
+    model = CrateLM(cfg, seed=None)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v.float() for k, v in state.items()})
+    return model.to(engine.device)

@@ -1,4 +1,4 @@
-"""``cratelm export RUN_OR_CKPT_DIR OUT_DIR``: a consolidated fp32 model from a DeepSpeed checkpoint.
+"""A consolidated fp32 model from a DeepSpeed checkpoint (what ``cratelm export`` writes).
 
 Where the weights come from, by the checkpoint's layout (read from its cratelm.json):
 
@@ -9,21 +9,19 @@ Where the weights come from, by the checkpoint's layout (read from its cratelm.j
   weights, reassembled from the optimizer partitions of every rank).
 - ZeRO 0: the module state in ``mp_rank_00_model_states.pt`` (fp32 master = model for fp32).
 
-The result is written by ``cratelm.model.io.save_model`` (model.safetensors + config.json
-+ the tokenizer recorded by the run), which ``cratelm eval`` / ``generate`` load.
-``load_from_run`` does the same in memory (``cratelm.model.io.load_model`` calls it for a
-run or checkpoint directory).
+``cratelm.checkpoints.export`` writes the result with ``save_model`` (model.safetensors +
+config.json + the tokenizer recorded by the run), which ``cratelm eval`` / ``generate`` load;
+``load_from_run`` gives it in memory (``cratelm.checkpoints.load_model`` calls it for a run or
+checkpoint directory).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import io
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,38 +88,13 @@ def load_from_run(path: str | os.PathLike, device: str | torch.device = "cpu"):
     checkpoint directory. meta has "model" (ModelConfig as a dict), "tokenizer" (a path or
     None), "tokenizer_sha256", "step" and "checkpoint"."""
     from cratelm.model.crate import CrateLM
-    from cratelm.model.io import _load_state
+    from cratelm.model.io import load_state
 
     state, meta, tag_dir = consolidated_state_dict(path)
     cfg = model_config_from_dict(meta["model"])
     model = CrateLM(cfg, seed=None)
-    _load_state(model, state, str(tag_dir))
+    load_state(model, state, str(tag_dir))
     info = {"model": meta["model"], "tokenizer": _tokenizer(meta, tag_dir),
             "tokenizer_sha256": meta.get("tokenizer_sha256"), "step": meta.get("step"),
             "checkpoint": str(tag_dir)}
     return model.to(device).eval(), info
-
-
-def export(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the exported model directory of the checkpoint ``path`` to ``out_dir``."""
-    from cratelm.model.io import save_model
-
-    model, info = load_from_run(path)
-    return save_model(model, model.cfg, out_dir, tokenizer=info["tokenizer"],
-                      extra={"source_checkpoint": info["checkpoint"], "step": info["step"]})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="RUN_OR_CKPT_DIR",
-                        help="a run directory (its latest complete checkpoint) or a checkpoint directory")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write model.safetensors + config.json")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        out = export(args.path, args.out_dir)
-    except FileNotFoundError as e:
-        print(f"cratelm export: {e}", file=sys.stderr)
-        return 1
-    print(f"cratelm export: wrote {out}")
-    return 0

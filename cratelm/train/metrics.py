@@ -96,6 +96,30 @@ def console_line(step: int, max_steps: int, rec: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+class Window:
+    """The training steps since the last log record: their time and their finite losses."""
+
+    def __init__(self) -> None:
+        self.loss, self.n, self.steps, self.time = 0.0, 0, 0, 0.0
+
+    def add(self, seconds: float, loss: float) -> None:
+        self.steps += 1
+        self.time += seconds
+        if math.isfinite(loss):
+            self.loss += loss
+            self.n += 1
+
+    def record(self, tokens_per_step: int, flops_per_token: int, n_devices: int, peak: float | None,
+               device: torch.device) -> dict[str, float]:
+        """Mean loss, throughput, step time and memory of the window; then starts a new one."""
+        rec: dict[str, float] = {"train/loss": self.loss / self.n} if self.n else {}
+        rec.update(throughput(self.steps * tokens_per_step, self.time, flops_per_token, n_devices, peak))
+        rec["perf/step_ms"] = 1e3 * self.time / self.steps
+        rec.update(memory_gib(device))
+        self.__init__()
+        return rec
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)            # "nan" / "inf": strict JSON has no NaN
@@ -147,11 +171,6 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, "time": time.time(),
                                      **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        """A note in TensorBoard's text tab (e.g. why diagnostics were skipped)."""
-        if self.enabled:
-            self.tb.add_text(tag, text, step)
 
     def print(self, line: str) -> None:
         if self.enabled:

@@ -16,7 +16,7 @@ from cratelm.data.prepare import prepare_corpus
 from cratelm.dist import free_port
 from cratelm.evaluate import score_stream
 from cratelm.model import CrateLM
-from cratelm.model.io import load_model, save_model
+from cratelm.checkpoints import load_model, save_model
 
 CTX = 32
 TEXT = [f"def f{i}(x):\n\treturn x * {i} + {i * i}  # café ✓\n\n" * (1 + i % 5) for i in range(60)]

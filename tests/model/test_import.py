@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cratelm
-from cratelm.model.io import load_model
+from cratelm.checkpoints import load_model
 
 from .reference import forward as reference_forward
 

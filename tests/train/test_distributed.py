@@ -294,8 +294,7 @@ def test_nan_stop_keeps_the_last_good_checkpoint(zero):
 
 @pytest.mark.parametrize("fixture,run,logits", [("zero", "z3", "z3_logits"), ("pipe", "straight", "logits")])
 def test_export_gives_the_engine_logits(request, fixture, run, logits, tmp_path):
-    from cratelm.model.io import load_model
-    from cratelm.train.export import export
+    from cratelm.checkpoints import export, load_model
 
     runs = request.getfixturevalue(fixture)
     ref = torch.load(runs[logits], weights_only=True)

@@ -16,7 +16,8 @@ import torch
 
 from cratelm.config import ConfigError, config_from_dict, load_config
 from cratelm.train import checkpoint as ckpt
-from cratelm.train.engine import check_job, ds_config, make_optimizer, param_groups
+from cratelm.train.ds_config import check_job, ds_config
+from cratelm.train.optimizer import make_optimizer, param_groups
 from cratelm.train.schedule import lr_at
 from .conftest import REPO, base_env, job_config, write_yaml
 
@@ -146,7 +147,7 @@ def test_cli_config_error_is_quick_and_has_exit_code_2(corpus, tmp_path):
 
 
 def test_missing_data_is_a_config_error(tmp_path):
-    from cratelm.train.trainer import open_data
+    from cratelm.data.loading import open_data
 
     cfg = config_from_dict({"data": {"train": [str(tmp_path / "nothing")]}, "model": {"vocab_size": 64}})
     with pytest.raises(ConfigError, match="nothing"):
@@ -154,7 +155,7 @@ def test_missing_data_is_a_config_error(tmp_path):
 
 
 def test_data_vocabulary_must_fit_the_model(corpus, tmp_path):
-    from cratelm.train.trainer import open_data
+    from cratelm.data.loading import open_data
 
     with pytest.raises(ConfigError, match="vocab_size=64 but model.vocab_size=32"):
         open_data(cfg_of(corpus, tmp_path, model={"vocab_size": 32}))
