@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+import os
 import sys
+from pathlib import Path
 
 from .conftest import REPO, run_cmd
 
@@ -27,9 +28,12 @@ def test_the_model_block_runs(tmp_path, monkeypatch):
     assert scope["meta"]["model"]["n_layer"] == 1 and (tmp_path / "runs/api/model/model.safetensors").is_file()
 
 
-def test_the_training_block_runs(corpus, tmp_path):
+def test_the_training_block_runs(tmp_path):
+    from cratelm.data.prepare import prepare_corpus
+
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    shutil.copytree(corpus, tmp_path / "data" / "stdlib")
+    files = [str(p) for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]    # a small stdlib corpus
+    prepare_corpus(files, tmp_path / "data" / "stdlib", val=4, vocab_size=400, progress=False)
     script = python_blocks()[1] + "\nimport json; print(json.dumps({'exit': trainer.exit_code, 'n': results[0].tokens}))\n"
     proc = run_cmd([sys.executable, "-c", script], cwd=tmp_path, timeout=400)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
