@@ -54,7 +54,8 @@ def show_config(cfg: JobConfig, docs: bool = False) -> str:
     for sec, cls in SECTIONS.items():
         lines.append(f"{sec}:")
         doc = field_docs(cls)
-        lines += [f"  {name}: {json.dumps(value)}  # {doc.get(name, '')}" for name, value in vars(getattr(cfg, sec)).items()]
+        lines += [f"  {name}: {json.dumps(value)}  # {doc.get(name, '')}"
+                  for name, value in vars(getattr(cfg, sec)).items()]
     return "".join(line + "\n" for line in lines)
 
 

@@ -147,7 +147,7 @@ def direct_collectives(name: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
-        if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed" for a in node.names):
+        if isinstance(node, ast.ImportFrom) and node.module == "torch":
             aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
     found = []
     for node in ast.walk(tree):

@@ -174,7 +174,8 @@ class Engine:
                    poison: bool = False) -> StepResult:
         """One optimizer step over ``batches`` (a BatchSampler; the pipeline engine reads the
         iterator it was given instead). ``stop()``: does this rank want to stop after the step
-        (asked at the all-reduce, so a signal during the step stops after it); ``skip_nonfinite``: drop the update when any rank's loss is non-finite; ``poison``:
+        (asked at the all-reduce, so a signal during the step stops after it);
+        ``skip_nonfinite``: drop the update when any rank's loss is non-finite; ``poison``:
         make the first micro-batch's loss NaN (a test hook)."""
         ds = self.ds
         skipped_before = self.skipped_steps()

@@ -205,7 +205,8 @@ class Trainer:
                 grad_norm = r.grad_norm
             if r.nonfinite and (t.nan_policy == "stop" or consecutive_skips >= MAX_CONSECUTIVE_SKIPS):
                 last = ckpt.latest_checkpoint(self.run_dir / ckpt.CKPT_DIR)
-                why = "train.nan_policy=stop" if t.nan_policy == "stop" else f"{consecutive_skips} steps skipped in a row"
+                why = ("train.nan_policy=stop" if t.nan_policy == "stop"
+                       else f"{consecutive_skips} steps skipped in a row")
                 self.metrics.print(f"cratelm: step {self.step}: non-finite loss; stopping ({why}). Nothing was "
                                    f"saved; the last good checkpoint is {last or 'none'}.")
                 self._status("nan", EXIT_NAN, last)

@@ -34,7 +34,8 @@ def test_the_training_block_runs(tmp_path):
     (tmp_path / "configs").symlink_to(REPO / "configs")
     files = [str(p) for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]    # a small stdlib corpus
     prepare_corpus(files, tmp_path / "data" / "stdlib", val=4, vocab_size=400, progress=False)
-    script = python_blocks()[1] + "\nimport json; print(json.dumps({'exit': trainer.exit_code, 'n': results[0].tokens}))\n"
+    report = "print(__import__('json').dumps({'exit': trainer.exit_code, 'n': results[0].tokens}))"
+    script = python_blocks()[1] + "\n" + report + "\n"
     proc = run_cmd([sys.executable, "-c", script], cwd=tmp_path, timeout=400)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["exit"] == 0 and got["n"] > 0
