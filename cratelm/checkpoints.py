@@ -65,8 +65,9 @@ def save_model(model: CrateLM | dict[str, torch.Tensor], cfg: ModelConfig, out_d
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"))
         if tokenizer:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            meta["tokenizer"], meta["tokenizer_sha256"] = "tokenizer.model", file_sha256(tokenizer)
+            name = "tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"
+            shutil.copyfile(tokenizer, tmp / name)
+            meta["tokenizer"], meta["tokenizer_sha256"] = name, file_sha256(tokenizer)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     atomic_dir(Path(out_dir), fill)
@@ -108,8 +109,13 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CrateLM, dict]:
     """Load any model cratelm knows: an exported directory, a training run/checkpoint
-    directory, or an authors' CRATE-GPT ``.pt`` file. Returns (model, metadata)."""
+    directory, an authors' CRATE-GPT ``.pt`` file, or a Hugging Face directory (gpt2 or a
+    cratelm CRATE export: `cratelm.hf.convert.load_hf`). Returns (model, metadata)."""
+    from cratelm.hf.convert import is_hf_dir, load_hf   # (imports no transformers)
+
     p = Path(path)
+    if is_hf_dir(p):                                    # a Hugging Face transformers directory
+        return load_hf(p, device)
     if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return load_exported(p, device)
     if p.is_dir():

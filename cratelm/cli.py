@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "show-config": ("cratelm.commands", "print the resolved config of YAML files + key=value overrides"),
     "info": ("cratelm.commands", "parameters and FLOPs per token of a model config, as JSON"),
     "import-crate-gpt": ("cratelm.commands", "import a checkpoint saved by the CRATE authors' code"),
+    "import-hf": ("cratelm.hf.export", "import a Hugging Face transformers model (gpt2, or a CRATE export)"),
     "bench": ("cratelm.bench", "time a training step: tokens/s, TFLOP/s, MFU, memory"),
     "train-tokenizer": ("cratelm.data.tokenizer", "train a lossless sentencepiece tokenizer"),
     "prepare-data": ("cratelm.data.prepare", "tokenize corpora into indexed token shards"),

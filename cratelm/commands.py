@@ -210,14 +210,22 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_CKPT_DIR",
                         help="a run directory (its latest complete checkpoint) or a checkpoint directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write model.safetensors + config.json")
+    parser.add_argument("--format", choices=("cratelm", "hf"), default="cratelm",
+                        help="hf: a Hugging Face transformers directory (cratelm/hf/export.py); the path may "
+                             "then also be an exported model or an authors' .pt file")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from cratelm.checkpoints import export
 
     try:
-        out = export(args.path, args.out_dir)
-    except FileNotFoundError as e:
+        if args.format == "hf":
+            from cratelm.hf.export import export_hf
+
+            out = export_hf(args.path, args.out_dir)
+        else:
+            out = export(args.path, args.out_dir)
+    except (FileNotFoundError, ValueError) as e:
         print(f"cratelm export: {e}", file=sys.stderr)
         return 1
     print(f"cratelm export: wrote {out}")
@@ -228,13 +236,19 @@ def run_export(args: argparse.Namespace) -> int:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="exported model dir, training run/checkpoint dir, or an authors' CRATE-GPT .pt file")
-    p.add_argument("--data", nargs="+", required=True, help="token shards (dir/val.bin) and/or UTF-8 text files")
+    p.add_argument("--data", nargs="+", default=[], help="token shards (dir/val.bin) and/or UTF-8 text files")
     p.add_argument("--stride", type=int, default=None, help="window stride S (default: the context C)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model for raw text (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model or tokenizer.json for raw text (default: the checkpoint's)")
     p.add_argument("--json", default=None, help="write {'results': [...]} here")
     p.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated, instead of --data "
+                   "(lambada_openai,wikitext; see cratelm/hf/lm_eval_model.py)")
+    p.add_argument("--include-path", default=None, help="--tasks: a directory of local lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples")
+    p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many documents per task")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -243,6 +257,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from cratelm.dist import close_process_group, rank
     from cratelm.evaluate import evaluate_checkpoint, markdown
 
+    if args.tasks:                      # hand over to lm-evaluation-harness
+        from cratelm.hf.lm_eval_model import run_tasks
+
+        return run_tasks(args)
+    if not args.data:
+        print("cratelm eval: error: pass --data FILES (perplexity) or --tasks TASKS (lm-eval)", file=sys.stderr)
+        return 2
     try:
         results = evaluate_checkpoint(args.checkpoint, args.data, args.tokenizer, args.stride, args.batch_size,
                                       args.device, args.dtype)

@@ -167,9 +167,9 @@ def checked_tokenizer(path: str | None, meta: dict, checkpoint: str):
     path = path or meta.get("tokenizer")
     if not path:
         return None, meta
-    from cratelm.data import Tokenizer
+    from cratelm.data.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer(path)
+    tokenizer = load_tokenizer(path)
     recorded = meta.get("tokenizer_sha256")
     if recorded and tokenizer.sha256 != recorded:
         raise ValueError(f"tokenizer {path} has sha256 {tokenizer.sha256}, but {checkpoint} was trained with "

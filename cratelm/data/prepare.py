@@ -5,7 +5,8 @@ token shards (format: docs/data-format.md).
     cratelm prepare-data data/raw/*.jsonl --text-key text --tokenizer tok.model --out data/mine \\
         --val 0.005 --test 1000 --num-proc 8
 
-OUT/ receives train.bin/.idx, val.bin/.idx (test.* if asked), tokenizer.model and meta.json.
+OUT/ receives train.bin/.idx, val.bin/.idx (test.* if asked), tokenizer.model (or the given
+tokenizer.json) and meta.json.
 Robustness: everything is built in OUT/.partial-PID/ and moved into place only when complete;
 meta.json is written LAST, so a killed run never leaves a corpus that looks complete, and the
 previous corpus in OUT/ stays usable until the new one is ready. A rerun starts over cleanly.
@@ -36,7 +37,8 @@ import numpy as np
 
 from cratelm.data import sources as src_lib
 from cratelm.data.indexed import META_FILE, ShardWriter, choose_dtype, read_index, write_json_atomic
-from cratelm.data.tokenizer import Tokenizer, add_input_arguments, add_training_arguments, train_tokenizer_on_texts
+from cratelm.data.tokenizer import (Tokenizer, add_input_arguments, add_training_arguments, load_tokenizer,
+                                    train_tokenizer_on_texts)
 
 SPLITS = ("train", "val", "test")
 FORMAT = "cratelm-tokens"
@@ -198,7 +200,7 @@ def _check_existing(out_dir: Path, tokenizer: Tokenizer) -> dict | None:
             f"{out_dir} holds a corpus made with tokenizer sha256 {meta.get('tokenizer_sha256')} "
             f"({meta.get('tokenizer')}); refusing to overwrite it with tokens of {tokenizer.path} "
             f"(sha256 {tokenizer.sha256}). Choose another --out, remove {out_dir}, or pass "
-            f"--tokenizer {out_dir / 'tokenizer.model'}")
+            f"--tokenizer {out_dir / tokenizer.filename}")
     return meta
 
 
@@ -232,15 +234,15 @@ def _install(out: Path, partial: Path, tok: Tokenizer, splits: list[str], given_
     if given_tokenizer is None:                                  # trained into partial/
         os.replace(partial / "tokenizer.vocab", out / "tokenizer.vocab")
         os.replace(partial / "tokenizer.model", out / "tokenizer.model")
-    elif Path(given_tokenizer).resolve() != (out / "tokenizer.model").resolve():
+    elif Path(given_tokenizer).resolve() != (out / tok.filename).resolve():
         vocab = Path(given_tokenizer).with_suffix(".vocab")      # the human-readable piece list, if any
         if vocab.exists():
             shutil.copyfile(vocab, partial / "tokenizer.vocab")
             os.replace(partial / "tokenizer.vocab", out / "tokenizer.vocab")
         else:
             (out / "tokenizer.vocab").unlink(missing_ok=True)
-        shutil.copyfile(given_tokenizer, partial / "tokenizer.model")
-        os.replace(partial / "tokenizer.model", out / "tokenizer.model")
+        shutil.copyfile(given_tokenizer, partial / tok.filename)
+        os.replace(partial / tok.filename, out / tok.filename)
     write_json_atomic(out / META_FILE, meta)
 
 
@@ -269,7 +271,7 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_partials(out)
     if tokenizer is not None:
-        tok = Tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer)    # sentencepiece, or a Hugging Face tokenizer.json
         _check_existing(out, tok)          # before any work
     partial = out / f".partial-{os.getpid()}"
     partial.mkdir()
@@ -322,7 +324,7 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "tokenizer": "tokenizer.model", "tokenizer_sha256": tok.sha256,
+            "tokenizer": tok.filename, "tokenizer_sha256": tok.sha256,
             "inputs": [str(i) if isinstance(i, (str, os.PathLike)) else f"<{type(i).__name__}>" for i in inputs or []]
             + ([src_lib.describe_corpus(corpus)] if corpus else []),
             "num_tokens": stats["tokens"], "num_documents": n_docs, "num_bytes": int(stats["doc_bytes"].sum()),
@@ -342,7 +344,7 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
     seconds = time.perf_counter() - t_start
     return {
         "out_dir": str(out), "documents": n_docs, "tokens": stats["tokens"], "bytes": meta["num_bytes"],
-        "splits": splits, "skipped": report.as_dict(), "tokenizer": str(out / "tokenizer.model"),
+        "splits": splits, "skipped": report.as_dict(), "tokenizer": str(out / tok.filename),
         "tokenizer_sha256": tok.sha256, "tokenizer_trained": tokenizer is None, "dtype": dtype,
         "num_proc": num_proc, "seconds": seconds, "tokenizer_seconds": t_tok, "tokenize_seconds": t_enc,
         "write_seconds": stats["write_seconds"] + t_split + t_move,
@@ -379,7 +381,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
     p.add_argument("--out", required=True, help="output corpus directory")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model to use (default: train one on the inputs, see --vocab-size)")
+                   help="sentencepiece .model or Hugging Face tokenizer.json to use (default: train a "
+                        "sentencepiece model on the inputs, see --vocab-size)")
     p.add_argument("--val", default="0.005", help="validation split: a fraction (0.005) or a document count (50)")
     p.add_argument("--test", default="0", help="test split: a fraction or a document count (default none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and of the tokenizer's line sample)")

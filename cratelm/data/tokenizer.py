@@ -45,6 +45,8 @@ class Tokenizer:
     """A sentencepiece model: ``encode(str) -> list[int]``, ``decode(ids) -> str``,
     ``eos_id``, ``vocab_size``, ``sha256``, ``path``. Pickles as its path."""
 
+    filename = "tokenizer.model"   # its name in a corpus, run or model directory
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
         if not Path(self.path).is_file():
@@ -148,6 +150,16 @@ class Tokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer in ``path``, by file name: a Hugging Face ``*.json`` (cratelm.hf.tokenizer,
+    needs the ``tokenizers`` package) or a sentencepiece model; both have the same interface."""
+    if str(path).endswith(".json"):
+        from cratelm.hf.tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return Tokenizer(path)
 
 
 def sample_lines(docs: Iterable[str], cap: int, seed: int = 0) -> tuple[list[str], int]:

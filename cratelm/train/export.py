@@ -76,7 +76,8 @@ def consolidated_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Te
 
 
 def _tokenizer(meta: dict[str, Any], tag_dir: Path) -> str | None:
-    candidates = [meta.get("tokenizer"), tag_dir.parent.parent / "tokenizer.model"]
+    candidates = [meta.get("tokenizer"), tag_dir.parent.parent / "tokenizer.model",
+                  tag_dir.parent.parent / "tokenizer.json"]
     for c in candidates:
         if c and Path(c).is_file():
             return str(c)

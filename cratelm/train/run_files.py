@@ -16,12 +16,12 @@ from cratelm.train import checkpoint as ckpt
 
 
 def write_run_files(run_dir: Path, cfg: JobConfig, ds_config: dict[str, Any], tokenizer: Path | None) -> None:
-    """config.yaml, ds_config.json and tokenizer.model (copied when it differs)."""
+    """config.yaml, ds_config.json and the tokenizer (copied when it differs)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dumps(cfg))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     if tokenizer is not None:
-        dst = run_dir / "tokenizer.model"
+        dst = run_dir / tokenizer.name         # tokenizer.model, or tokenizer.json
         if not dst.exists() or dst.read_bytes() != tokenizer.read_bytes():
             shutil.copyfile(tokenizer, dst)
 

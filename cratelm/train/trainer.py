@@ -148,7 +148,7 @@ class Trainer:
             "lr": lr_at(max(0, self.step - 1), self.cfg.optim, t.max_steps), "skipped_steps": self.skipped,
             "model": dataclasses.asdict(self.cfg.model), "config": self.cfg.to_dict(),
             "data": self.sampler.state_dict(),
-            "tokenizer": str((self.run_dir / "tokenizer.model").resolve()) if self.data.tokenizer else None,
+            "tokenizer": str((self.run_dir / self.data.tokenizer.name).resolve()) if self.data.tokenizer else None,
             "tokenizer_sha256": self.data.tokenizer_sha256,
             "time": datetime.datetime.now().isoformat(),
         }
