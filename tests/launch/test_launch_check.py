@@ -221,9 +221,21 @@ def test_single_remote_host_would_run_here(tmp_path, capsys):
 
 def test_openmpi(tmp_path, capsys):
     hf = two_node_hostfile(tmp_path)
+    # DeepSpeed's openmpi runner passes no MASTER_ADDR/MASTER_PORT: the ranks would stop at once
     rc, plan = check_json(capsys, "-H", str(hf), "--launcher", "openmpi", "--master_addr", "worker-0", "--dry-run")
+    assert rc == 1 and "does not pass MASTER_ADDR/MASTER_PORT" in plan["problems"][0]
+    assert "'-x MASTER_ADDR=worker-0 -x MASTER_PORT=29500'" in plan["problems"][0]
+    # passed with -x (what launch/deepspeed_multinode.sh adds), a launcher_args value starting with '-'
+    rc, plan = check_json(capsys, "-H", str(hf), "--launcher", "openmpi", "--master_addr", "worker-0", "--dry-run",
+                          "--launcher_args=--allow-run-as-root -x MASTER_ADDR=worker-0 -x MASTER_PORT=29500")
     assert rc == 0, plan["problems"]
+    assert "--launcher_args=--allow-run-as-root -x MASTER_ADDR=worker-0" in plan["you_run"]
     assert plan["head"].startswith(f"mpirun -n 12 -hostfile {hf} ")
+    assert "--allow-run-as-root -x MASTER_ADDR=worker-0 -x MASTER_PORT=29500" in plan["head"]
+    assert "no mpi4py needed" in " ".join(plan["notes"])
+    rc, plan = check_json(capsys, "-H", str(hf), "--launcher", "openmpi", "--master_addr", "worker-0", "--dry-run",
+                          "--launcher_args=-x MASTER_ADDR=worker-0 -x MASTER_PORT=29999")      # another port
+    assert rc == 1 and "does not pass MASTER_ADDR/MASTER_PORT" in plan["problems"][0]
     assert plan["head"].endswith(f"{sys.executable} -u -m cratelm train")
     rc, plan = check_json(capsys, "-H", str(hf), "--launcher", "openmpi", "--exclude", "worker-0", "--dry-run")
     assert rc == 1 and "openmpi backend does not support worker include/exclusion" in plan["problems"][0]
@@ -265,7 +277,7 @@ def test_batch_that_does_not_divide_is_refused(tmp_path, capsys, overrides, says
     hf = tmp_path / "hostfile"
     hf.write_text("worker-0 slots=4\nworker-1 slots=4\n")
     rc, out = check(capsys, "-H", str(hf), "--dry-run", "--config", TINY, *overrides)
-    assert rc == 1 and f"batch: {says}" in out, out
+    assert rc == 1 and f"job: {says}" in out, out
     # the same config passes on a world size that divides it
     rc, out = check(capsys, "-H", str(hf), "--num_gpus", "1", "--dry-run", "--config", TINY,
                     "train.micro_batch=4", "train.global_batch=24")
@@ -296,10 +308,10 @@ def test_port_in_use_on_this_host(tmp_path, capsys):
 def test_remote_master_answers_is_busy_or_is_silent(monkeypatch):
     """A remote master is probed by connecting: refused = up and free, accepted = taken,
     silence = unreachable. 127.0.0.1 plays the remote host here (locality patched out)."""
-    import cratelm.launch_check as lc
+    import cratelm.launch_probes as lp
 
     assert "does not resolve" in probe_master("no-such-host.invalid", 29500)
-    monkeypatch.setattr(lc, "_is_local_address", lambda family, ip: False)
+    monkeypatch.setattr(lp, "is_local_address", lambda family, ip: False)
     assert "not an address of this host" in probe_master("127.0.0.1", free_port(), role="master")
     assert probe_master("127.0.0.1", free_port()) is None                        # refused: fine
     with socket.socket() as srv:
@@ -326,3 +338,65 @@ def test_deepspeed_env_lines_deepspeed_would_crash_on(tmp_path, capsys, monkeypa
     assert any(p.startswith("./.deepspeed_env:2: ") and "has no '='" in p for p in plan["problems"])
     assert any(p.startswith("./.deepspeed_env:3: ") for p in plan["problems"])
     assert "export NCCL_SOCKET_IFNAME=eth0;" in plan["nodes"][0]["shell"]
+
+
+# ----------------------------------------------------------------------------- train's checks, the master
+
+@pytest.mark.parametrize("overrides, says", [
+    (["optim.warmup_steps=50", "optim.decay_steps=10"],
+     "job: optim.decay_steps=10 (None = train.max_steps) is shorter than optim.warmup_steps=50"),
+    (["train.pipeline_stages=2", "train.offload_optimizer=true", "train.zero_stage=1"],
+     "job: train.offload_optimizer=true is not supported with train.pipeline_stages > 1"),
+    (["train.pipeline_partition=columns"], "job: train.pipeline_partition='columns': choose parameters"),
+])
+def test_configs_that_train_rejects_fail_launch_check(tmp_path, capsys, overrides, says):
+    """The same checks as `cratelm train` (cratelm.train.engine.check_job), not a copy of them."""
+    from cratelm.config import ConfigError, load_config
+    from cratelm.train.engine import check_job
+
+    with pytest.raises(ConfigError) as e:
+        check_job(load_config([TINY], ["train.micro_batch=1", "train.global_batch=4", *overrides]), 4, "cpu")
+    hf = tmp_path / "hostfile"
+    hf.write_text("worker-0 slots=2\nworker-1 slots=2\n")
+    rc, out = check(capsys, "-H", str(hf), "--master_addr", "worker-0", "--dry-run", "--config", TINY,
+                    "train.micro_batch=1", "train.global_batch=4", *overrides)
+    assert rc == 1 and says in out and f"job: {e.value}" in out, out
+
+
+def test_fp16_on_a_cpu_login_node_says_which_device_was_assumed(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("localhost slots=1\n")
+    rc, out = check(capsys, "-H", str(hf), "--dry-run", "--config", TINY, "train.precision=fp16")
+    assert rc == 1 and "not supported on CPU" in out and "pass --device cuda" in out
+    rc, out = check(capsys, "-H", str(hf), "--dry-run", "--device", "cuda", "--config", TINY, "train.precision=fp16")
+    assert rc == 0, out
+
+
+def test_master_addr_must_be_node_0(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("localhost slots=1\n127.0.0.2 slots=1\nworker-9 slots=1\n")
+    rc, out = check(capsys, "-H", str(hf), "--master_addr", "127.0.0.2", "--dry-run", "--num_nodes", "2")
+    assert rc == 1 and "--master_addr 127.0.0.2 is 127.0.0.2, node 1 of the selection, not node 0 (localhost)" in out
+    rc, out = check(capsys, "-H", str(hf), "--master_addr", "127.0.0.9", "--dry-run", "--num_nodes", "2")
+    assert rc == 1 and "--master_addr 127.0.0.9 is not among the selected hosts (localhost, 127.0.0.2)" in out
+    rc, out = check(capsys, "-H", str(hf), "--master_addr", "127.0.0.1", "--dry-run", "--num_nodes", "2")
+    assert rc == 0, out                                 # localhost's address
+    # worker-9 does not resolve here: cannot be told, a warning only
+    rc, out = check(capsys, "-H", str(hf), "--master_addr", "10.1.2.3", "--dry-run", "--exclude", "127.0.0.2")
+    assert rc == 0 and "could not tell from here whether it is node 0 (localhost)" in out, out
+    rc, out = check(capsys, "-H", str(hf), "--master_addr", "worker-9", "--dry-run", "--launcher", "torchrun")
+    assert rc == 1 and "--master_addr worker-9 is worker-9, node 2 of the selection" in out
+
+
+def test_launch_check_from_python_with_typed_arguments(tmp_path):
+    from cratelm.launch_check import LaunchSpec, check_launch
+
+    hf = tmp_path / "hostfile"
+    hf.write_text("node-a slots=2\nnode-b slots=2\n")
+    plan = check_launch(LaunchSpec(hostfile=str(hf), master_addr="node-a", dry_run=True, config=[TINY],
+                                   overrides=["train.micro_batch=1", "train.global_batch=8", f"train.run_dir={tmp_path}/r"],
+                                   enable_each_rank_log=str(tmp_path / "logs"), launcher_args="--flag"))
+    assert plan.problems == [] and plan.world_size == 4 and plan.run_dir == f"{tmp_path}/r"
+    assert plan.batch.startswith("global 8 = micro 1 x grad accum 2 x data-parallel 4")
+    assert plan.head.startswith("pdsh -S -f 1024 -w node-a,node-b --flag ")
+    assert f"--enable_each_rank_log={tmp_path}/logs" in plan.nodes[1].shell
