@@ -23,13 +23,16 @@ TINY = str(REPO / "configs/model/tiny.yaml")
 FAKE_LOGGER = f"""#!{sys.executable}
 import json, os, signal, sys, time
 name = os.path.basename(sys.argv[0])
-keys = ("SLURM_NODEID", "SLURM_PROCID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-        "OMP_NUM_THREADS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+keys = ("SLURM_NODEID", "SLURM_PROCID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+        "MASTER_PORT", "OMP_NUM_THREADS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 def log(**kw):
     with open(os.environ["FAKE_LOG"], "a") as f:
         f.write(json.dumps(dict(tool=name, **kw)) + "\\n")
 def term(sig, frame):
     log(signal=signal.Signals(sig).name)
+    if os.environ.get("FAKE_STATUS"):      # what rank 0 writes after its checkpoint
+        with open(os.path.join(os.environ["FAKE_RUN_DIR"], "status.json"), "w") as f:
+            json.dump({{"status": os.environ["FAKE_STATUS"]}}, f)
     sys.exit(int(os.environ.get("FAKE_EXIT_ON_TERM", "0")))
 signal.signal(signal.SIGTERM, term)      # before the log line the test waits for
 log(argv=sys.argv[1:], env={{k: os.environ.get(k) for k in keys}})
@@ -170,18 +173,19 @@ def is_torchrun(e: dict) -> bool:
 def test_slurm_two_nodes_torchrun_per_node(fakes):
     bin_dir, log, python = fakes
     env = slurm_env(bin_dir, log, ["gpu-a17", "gpu-b03"], job_id=4242, PYTHON=str(python), GPUS_PER_NODE="4",
-                    SKIP_CHECK="1", SLURM_CPUS_PER_TASK="16")
+                    SKIP_CHECK="1", SLURM_CPUS_PER_TASK="16", RUN_DIR="/nonexistent")
     r = run(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY, "train.max_steps=5"], env)
     assert r.returncode == 0, r.stderr
     entries = read_log(log)
     assert {"tool": "scontrol", "argv": "show hostnames fake[2]"} in entries
     (srun,) = [e for e in entries if e["tool"] == "srun"]
     assert srun["argv"][:3] == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert "-m cratelm.launch_guard --stop-ok -- " in srun["argv"][5]      # torchrun under the guard
     runs = sorted(filter(is_torchrun, entries), key=lambda e: e["env"]["SLURM_NODEID"])
     assert len(runs) == 2
     for node, e in enumerate(runs):
         assert e["argv"] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4", f"--node_rank={node}", "--master_addr=gpu-a17",
-                             "--master_port=24242", "-m", "cratelm", "train", "--config", TINY,
+                             "--master_port=14242", "-m", "cratelm", "train", "--config", TINY,
                              "train.max_steps=5", "--resume", "auto"]
         assert e["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "100"
     assert not any(e["tool"] == "scontrol" and "requeue" in e["argv"] for e in entries)   # no signal: no requeue
@@ -190,15 +194,22 @@ def test_slurm_two_nodes_torchrun_per_node(fakes):
 def test_slurm_one_task_per_gpu(fakes):
     bin_dir, log, python = fakes
     env = slurm_env(bin_dir, log, ["gpu-a17", "gpu-b03"], job_id=77, PYTHON=str(python), MODE="tasks",
-                    SLURM_NTASKS_PER_NODE="2", SKIP_CHECK="1")
+                    SLURM_NTASKS_PER_NODE="2", SKIP_CHECK="1", RUN_DIR="/nonexistent")
     r = run(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env)
     assert r.returncode == 0, r.stderr
     ranks = sorted((e for e in read_log(log) if e["tool"] == "fake_logger_python"), key=lambda e: int(e["env"]["RANK"]))
-    assert [(e["env"]["RANK"], e["env"]["LOCAL_RANK"], e["env"]["WORLD_SIZE"]) for e in ranks] == [
-        ("0", "0", "4"), ("1", "1", "4"), ("2", "0", "4"), ("3", "1", "4")]
+    assert [(e["env"]["RANK"], e["env"]["LOCAL_RANK"], e["env"]["WORLD_SIZE"], e["env"]["LOCAL_WORLD_SIZE"])
+            for e in ranks] == [("0", "0", "4", "2"), ("1", "1", "4", "2"), ("2", "0", "4", "2"), ("3", "1", "4", "2")]
     for e in ranks:
         assert e["argv"] == ["-u", "-m", "cratelm", "train", "--config", TINY, "--resume", "auto"]
-        assert (e["env"]["MASTER_ADDR"], e["env"]["MASTER_PORT"]) == ("gpu-a17", "20077")
+        assert (e["env"]["MASTER_ADDR"], e["env"]["MASTER_PORT"]) == ("gpu-a17", "10077")
+    # per-task GPU binding (--gpus-per-task=1): each task sees one GPU, which is its device 0
+    log.write_text("")
+    env["CUDA_VISIBLE_DEVICES"] = "5"
+    r = run(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env)
+    assert r.returncode == 0, r.stderr
+    ranks = sorted((e for e in read_log(log) if e["tool"] == "fake_logger_python"), key=lambda e: int(e["env"]["RANK"]))
+    assert [(e["env"]["LOCAL_RANK"], e["env"]["LOCAL_WORLD_SIZE"]) for e in ranks] == [("0", "2")] * 4
 
 
 def test_slurm_refuses_a_bad_launch_before_srun(fakes):
@@ -213,37 +224,50 @@ def test_slurm_refuses_a_bad_launch_before_srun(fakes):
     assert not [e for e in read_log(log) if e["tool"] == "srun" or is_torchrun(e)]
 
 
-def sbatch_then_sigterm(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    """Start the sbatch script, wait until both nodes' torchrun started, SIGTERM the batch shell."""
+def sbatch_then_signal(env: dict, log: Path, sig: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start the sbatch script, wait until both nodes' torchrun started, signal the batch shell."""
     log.write_text("")
-    p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY], env=env, cwd=REPO,
+    p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", TINY, *extra], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
+    deadline = time.time() + 60
     while len([e for e in read_log(log) if is_torchrun(e)]) < 2:
         assert time.time() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-    return p, p.communicate(timeout=30)[1]
+    p.send_signal(sig)
+    return p, p.communicate(timeout=60)[1]
 
 
-def test_slurm_sigterm_is_forwarded_then_the_job_requeued(fakes):
-    """The trap path: SIGTERM to the batch shell -> srun -> torchrun, wait for it, requeue."""
+def requeued(log: Path) -> bool:
+    return any(e["tool"] == "scontrol" and "requeue" in e["argv"] for e in read_log(log))
+
+
+def test_slurm_warning_signals_the_steps_then_requeues(fakes, tmp_path):
+    """USR1 (--signal=B:USR1@120) -> `scancel --signal=TERM JOBID` -> the tasks (never srun, which
+    would SIGKILL them) -> checkpoint, status.json "preempted" -> requeue. A plain scancel's
+    SIGTERM checkpoints the same way but does not requeue."""
     bin_dir, log, python = fakes
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     env = slurm_env(bin_dir, log, ["gpu-a17", "gpu-b03"], job_id=555, PYTHON=str(python), GPUS_PER_NODE="1",
-                    SKIP_CHECK="1", FAKE_SLEEP="60", FAKE_EXIT_ON_TERM="3")
-    p, err = sbatch_then_sigterm(env, log)
+                    SKIP_CHECK="1", FAKE_SLEEP="60", FAKE_EXIT_ON_TERM="75", FAKE_STATUS="preempted",
+                    FAKE_RUN_DIR=str(run_dir), RUN_DIR=str(run_dir))
+    TINY_RUN = ["train.run_dir=" + str(run_dir)]
+    p, err = sbatch_then_signal(env, log, signal.SIGUSR1, TINY_RUN)
     entries = read_log(log)
-    assert [e["signal"] for e in entries if "signal" in e] == ["SIGTERM", "SIGTERM"]    # both nodes got it
-    assert p.returncode == 3, err                                                     # the job's status
-    assert {"tool": "scontrol", "argv": "requeue 555"} in entries
-    assert "got SIGTERM" in err and "requeueing job 555" in err
+    assert {"tool": "scancel", "argv": "--signal=TERM 555"} in entries
+    assert [e["signal"] for e in entries if "signal" in e] == ["SIGTERM", "SIGTERM"]    # both nodes' torchrun
+    assert "forcing job termination" not in err
+    assert "stopped with 75 after SIGTERM; reporting 0" in err      # --kill-on-bad-exit spares the others
+    assert {"tool": "scontrol", "argv": "requeue 555"} in entries and "requeueing job 555" in err
+    assert p.returncode == 0, err
+    # a plain scancel: SIGTERM to the batch shell (and to the steps): checkpoint, no requeue
+    p, err = sbatch_then_signal(env, log, signal.SIGTERM, TINY_RUN)
+    assert "cancelled: no requeue" in err and not requeued(log) and p.returncode == 75, err
     # MAX_REQUEUES reached: no more requeues
     env.update(SLURM_RESTART_COUNT="2", MAX_REQUEUES="2")
-    p, err = sbatch_then_sigterm(env, log)
-    assert not any(e["tool"] == "scontrol" and "requeue" in e["argv"] for e in read_log(log))
-    assert "not again" in err
-    # the ranks exit 0 on the signal (training had just finished): nothing to requeue
-    env.update(SLURM_RESTART_COUNT="0", FAKE_EXIT_ON_TERM="0")
-    p, err = sbatch_then_sigterm(env, log)
-    assert p.returncode == 0 and "no requeue" in err
-    assert not any(e["tool"] == "scontrol" and "requeue" in e["argv"] for e in read_log(log))
+    p, err = sbatch_then_signal(env, log, signal.SIGUSR1, TINY_RUN)
+    assert not requeued(log) and "not again" in err
+    # the ranks finished on the signal (training had just ended): nothing to requeue
+    env.update(SLURM_RESTART_COUNT="0", FAKE_EXIT_ON_TERM="0", FAKE_STATUS="finished")
+    p, err = sbatch_then_signal(env, log, signal.SIGUSR1, TINY_RUN)
+    assert p.returncode == 0 and "status 'finished'); no requeue" in err and not requeued(log), err
