@@ -167,8 +167,10 @@ class Trainer:
                 self._status("error", None, error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            # stopped by a signal: the same signal arriving late (another node's copy of it) must
+            # not kill the rank while it leaves the process group with its exit status 75
             for s, h in old.items():
-                signal.signal(s, h)
+                signal.signal(s, signal.SIG_IGN if self.stop_signal is not None and s == signal.SIGTERM else h)
             if hasattr(self, "metrics"):
                 self.metrics.close()
 
