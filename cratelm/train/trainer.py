@@ -159,18 +159,21 @@ class Trainer:
 
     def fit(self) -> int:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        code = None
         try:
             self._setup()
-            return self._loop()
+            code = self._loop()
+            return code
         except BaseException as e:       # an exception, or a second Ctrl-C: say so in status.json
             if self.rank == 0 and self.run_dir.is_dir():
                 self._status("error", None, error=f"{type(e).__name__}: {e}")
             raise
         finally:
-            # stopped by a signal: the same signal arriving late (another node's copy of it) must
-            # not kill the rank while it leaves the process group with its exit status 75
+            # stopped by a signal (here or on another rank): the same signal arriving late (this
+            # node's copy of it) must not kill the rank while it leaves with its exit status 75
+            stopped = self.stop_signal is not None or code == EXIT_PREEMPTED
             for s, h in old.items():
-                signal.signal(s, signal.SIG_IGN if self.stop_signal is not None and s == signal.SIGTERM else h)
+                signal.signal(s, signal.SIG_IGN if stopped and s == signal.SIGTERM else h)
             if hasattr(self, "metrics"):
                 self.metrics.close()
 

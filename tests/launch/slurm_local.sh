@@ -35,16 +35,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 # ---- 1. packages
-need=""
-for p in munge slurmctld slurmd slurm-client; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="$need $p"
-done
-if [ -n "$need" ]; then
-  log "installing$need"
-  apt-get install -y --no-install-recommends $need >/tmp/slurm-local-apt.log 2>&1 \
-    || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends $need >>/tmp/slurm-local-apt.log 2>&1; } \
-    || { tail -5 /tmp/slurm-local-apt.log; log "apt-get install failed"; exit 1; }
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
+apt_install /tmp/slurm-local-apt.log munge slurmctld slurmd slurm-client
 
 # ---- 2. munge: a key, then munged as the munge user
 install -d -o munge -g munge -m 0700 /etc/munge /var/log/munge

@@ -35,16 +35,8 @@ names=${names# }
 addrs=$(printf '%s\n' $addrs | sort -u | tr '\n' ' ')
 
 # ---- 1. packages
-need=""
-for p in openssh-server openssh-client pdsh openmpi-bin; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="$need $p"
-done
-if [ -n "$need" ]; then
-  log "installing$need"
-  apt-get install -y --no-install-recommends $need >/tmp/ssh-local-apt.log 2>&1 \
-    || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends $need >>/tmp/ssh-local-apt.log 2>&1; } \
-    || { tail -5 /tmp/ssh-local-apt.log; log "apt-get install failed"; exit 1; }
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
+apt_install /tmp/ssh-local-apt.log openssh-server openssh-client pdsh openmpi-bin
 
 # ---- 2. /etc/hosts: NAME -> 127.0.0.x (a name's old line is replaced)
 for hp in $HOSTS; do

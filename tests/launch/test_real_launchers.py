@@ -75,8 +75,10 @@ def test_pdsh_sigterm_resume_sigkill_and_openmpi_equal_one_process(real_ssh, cor
     p = launch(tmp_path, [], over, "--resume", "auto")
     wait_for(f"step {k + 2}", lambda: last_step(run_dir) >= k + 2 or p.poll() is not None)
     os.kill(p.pid, signal.SIGKILL)
-    out = finish(p, 30)
-    wait_for("the ranks to stop after the SIGKILL", lambda: not pids_mentioning(str(run_dir)), timeout=60)
+    p.wait()
+    wait_for("the ranks to stop after the SIGKILL", lambda: not pids_mentioning(str(run_dir)), timeout=TIMEOUT)
+    out = finish(p, 60)                                      # the runner and the watchdog held stdout
+    assert "the launch script is gone: stopping the ranks" in out, out[-3000:]
     st = status(run_dir)
     assert st["status"] == "preempted" and st["step"] >= k + 2, (st, out[-3000:])
     m = st["step"]
