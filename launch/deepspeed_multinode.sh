@@ -27,6 +27,7 @@
 # script is SIGKILLed. OpenMPI: the signal goes to mpirun, which kills the ranks without a
 # checkpoint (no way to tell this job's ranks from another mpirun's of the same user here).
 set -uo pipefail
+trap '' PIPE     # a closed console (the terminal or pipe went away) must not end the script
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -121,7 +122,7 @@ RUNNER_MPIRUN="$RUNNER"     # openmpi: mpirun is the runner's child; TERM to the
 # the watchdog: when this script disappears (SIGKILL) while the runner still runs, stop the ranks
 export -f stop_ranks
 export STOP_HOW STOP_HOSTS REMOTE_STOP RUNNER_MPIRUN
-setsid bash -c 'trap "" TERM INT HUP
+setsid bash -c 'trap "" TERM INT HUP PIPE
     while kill -0 '$$' 2>/dev/null; do sleep 1; done
     if kill -0 '$RUNNER' 2>/dev/null; then
         echo "cratelm: the launch script is gone: stopping the ranks (checkpoint, exit 75)" >&2; stop_ranks

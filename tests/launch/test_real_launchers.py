@@ -28,7 +28,19 @@ from .test_slurm_real import last_step, status, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 TINY = str(REPO / "configs/model/tiny.yaml")
-TIMEOUT = 240
+TIMEOUT = 300
+
+
+@pytest.fixture
+def leave_nothing(tmp_path):
+    """After the test, even a failed one: SIGKILL what still runs in tmp_path (the runner and
+    the watchdog live in sessions of their own); a passing test has left nothing."""
+    yield
+    for pid in pids_mentioning(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def launch(tmp_path: Path, ds_args: list[str], over: list[str], *extra: str) -> subprocess.Popen:
@@ -50,7 +62,7 @@ def finish(p: subprocess.Popen, timeout: float = TIMEOUT) -> str:
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_pdsh_sigterm_resume_sigkill_and_openmpi_equal_one_process(real_ssh, corpus, tmp_path):
+def test_pdsh_sigterm_resume_sigkill_and_openmpi_equal_one_process(real_ssh, corpus, tmp_path, leave_nothing):
     run_dir = tmp_path / "run"
     # many steps: the signals, not max_steps, end each run; decay_steps pins the LR schedule
     over = train_overrides(corpus, run_dir, **{"train.max_steps": 5000, "optim.decay_steps": 40})

@@ -271,3 +271,29 @@ def test_slurm_warning_signals_the_steps_then_requeues(fakes, tmp_path):
     env.update(SLURM_RESTART_COUNT="0", FAKE_EXIT_ON_TERM="0", FAKE_STATUS="finished")
     p, err = sbatch_then_signal(env, log, signal.SIGUSR1, TINY_RUN)
     assert p.returncode == 0 and "status 'finished'); no requeue" in err and not requeued(log), err
+
+
+# ----------------------------------------------------------------------------- cratelm.launch_guard
+
+def test_guard_exit_status_and_a_lost_console(tmp_path):
+    env = subprocess_env()
+    guard = [sys.executable, "-m", "cratelm.launch_guard"]
+    code = [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1]))"]
+    assert subprocess.run([*guard, "--", *code, "75"], env=env).returncode == 75
+    assert subprocess.run([*guard, "--stop-ok", "--", *code, "75"], env=env).returncode == 0   # checkpointed
+    assert subprocess.run([*guard, "--stop-ok", "--", *code, "3"], env=env).returncode == 3    # a real failure
+    # a writer whose reader went away: BrokenPipeError without the guard, exit 0 with it
+    writer = ("import sys, time\n{guard}\nprint('first', flush=True)\ntime.sleep(0.5)\n"
+              "for i in range(2000): print('line', i)\nsys.stderr.write('done\\n')\n")
+    for guarded in (False, True):
+        text = writer.format(guard="from cratelm.launch_guard import guard_console; guard_console()" if guarded else "")
+        p = subprocess.Popen([sys.executable, "-u", "-c", text], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline() == "first\n"
+        p.stdout.close()                                    # the console is gone
+        err = p.stderr.read()
+        p.wait(timeout=60)
+        if guarded:
+            assert p.returncode == 0 and err == "done\n", err
+        else:
+            assert p.returncode != 0 and "BrokenPipeError" in err

@@ -28,7 +28,7 @@ from .conftest import LAUNCH, REPO, free_port, pids_mentioning, read_metrics, su
 
 pytestmark = pytest.mark.distributed
 TINY = str(REPO / "configs/model/tiny.yaml")
-TIMEOUT = 240
+TIMEOUT = 300
 
 
 def job(job_id: str) -> dict[str, str]:
