@@ -197,11 +197,11 @@ build_plan = check_launch
 
 
 def _check_job(a: LaunchSpec | argparse.Namespace, world_size: int, problems: list[str]) -> tuple[str, str]:
-    """`cratelm train`'s own checks (cratelm.train.engine.check_job and ds_config, which train
+    """`cratelm train`'s own checks (cratelm.train.ds_config.check_job and ds_config, which train
     runs before any process group) for this world size: ``(batch line, run_dir)``."""
     from cratelm.commands import config_from_args
     from cratelm.config import ConfigError
-    from cratelm.train.engine import check_job, device_type, ds_config
+    from cratelm.train.ds_config import check_job, device_type, ds_config
 
     dev = device_type() if a.device == "auto" else a.device
     try:

@@ -350,9 +350,9 @@ def test_deepspeed_env_lines_deepspeed_would_crash_on(tmp_path, capsys, monkeypa
     (["train.pipeline_partition=columns"], "job: train.pipeline_partition='columns': choose parameters"),
 ])
 def test_configs_that_train_rejects_fail_launch_check(tmp_path, capsys, overrides, says):
-    """The same checks as `cratelm train` (cratelm.train.engine.check_job), not a copy of them."""
+    """The same checks as `cratelm train` (cratelm.train.ds_config.check_job), not a copy of them."""
     from cratelm.config import ConfigError, load_config
-    from cratelm.train.engine import check_job
+    from cratelm.train.ds_config import check_job
 
     with pytest.raises(ConfigError) as e:
         check_job(load_config([TINY], ["train.micro_batch=1", "train.global_batch=4", *overrides]), 4, "cpu")
