@@ -54,8 +54,9 @@ def dist_env(local_rank: int | None = None) -> DistEnv:
         if ours not in os.environ and mpi in os.environ:
             os.environ[ours] = os.environ[mpi]
     if "OMPI_COMM_WORLD_SIZE" in os.environ and "MASTER_ADDR" not in os.environ:
-        raise ConfigError("started by mpirun without MASTER_ADDR: launch through `deepspeed --launcher openmpi "
-                          "--master_addr HOST` (it exports MASTER_ADDR/MASTER_PORT) or export them with -x")
+        raise ConfigError("started by mpirun without MASTER_ADDR: DeepSpeed's openmpi runner does not pass it; "
+                          "launch through launch/deepspeed_multinode.sh (it adds -x MASTER_ADDR=... -x MASTER_PORT=...) "
+                          "or pass both with -x")
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if local_rank is not None and local_rank >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)
