@@ -24,8 +24,9 @@ set -u
 log() { echo "slurm-local: $*" >&2; }
 if [ "${1:-}" = stop ]; then
   for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
-    if [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; then
-      pid=$(cat "$f"); log "stopped $(basename "$f" .pid) ($pid)"
+    pid=$(cat "$f" 2>/dev/null)
+    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+      log "stopped $(basename "$f" .pid) ($pid)"
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done

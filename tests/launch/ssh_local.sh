@@ -17,7 +17,8 @@ set -u
 log() { echo "ssh-local: $*" >&2; }
 if [ "${1:-}" = stop ]; then
   pidf=/run/sshd-cratelm-local.pid
-  [ -s "$pidf" ] && kill "$(cat "$pidf")" 2>/dev/null && log "stopped sshd $(cat "$pidf")"
+  pid=$(cat "$pidf" 2>/dev/null)
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && log "stopped sshd $pid"
   rm -f "$pidf"; exit 0
 fi
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
