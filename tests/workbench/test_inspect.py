@@ -166,3 +166,31 @@ def test_clamp_changes_the_greedy_continuation(planted, capsys):
     assert p.shape == (tok.vocab_size,) and int(p.argmax()) == t_star and float(p.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="LAYER:UNIT=VALUE"):
         parse_clamp("0-3=1")
+
+
+def test_inspect_an_authors_checkpoint_agrees_with_the_training_diagnostics(text_corpus, tmp_path):
+    """An authors' CRATE-GPT .pt (nanoGPT names) loads as `cratelm eval` loads it; the layer
+    numbers on two windows equal cratelm.model.diagnostics.layer_diagnostics on the same batch."""
+    from cratelm.model.diagnostics import layer_diagnostics
+
+    vocab, ctx = Tokenizer(str(text_corpus / "tokenizer.model")).vocab_size, 32
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=4, vocab_size=vocab, vocab_multiple=1, context=ctx)
+    model = CrateLM(cfg, seed=5).eval()
+    names = {"embed.wte.weight": "transformer.wte.weight", "embed.wpe.weight": "transformer.wpe.weight"}
+    for ours, theirs in [("ln1", "prenorm_1"), ("ln2", "prenorm_2"), ("mssa.U", "attn.c_attn"),
+                         ("mssa.proj", "attn.c_proj"), ("ista", "ista")]:
+        names |= {f"blocks.{i}.{ours}.{wb}": f"transformer.h.{i}.{theirs}.{wb}" for i in range(2) for wb in
+                  ("weight", "bias")}
+    state = {names[k]: v for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    args = dict(n_layer=2, n_head=4, n_embd=32, block_size=ctx, bias=True, vocab_size=vocab, dropout=0.0)
+    torch.save({"model": state, "model_args": args}, tmp_path / "ckpt.pt")
+    out = tmp_path / "report"
+    assert main(["inspect", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(text_corpus / "val.bin"),
+                 "--out", str(out), "--tokens", str(2 * ctx), "--window", str(ctx), "--edit-units", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    idx = torch.as_tensor(np.asarray(IndexedTokens(str(text_corpus / "val.bin")).tokens[:2 * ctx], np.int64))
+    for got, want in zip(report["layers"], layer_diagnostics(model, idx.view(2, ctx)), strict=True):
+        for key in ("coding_rate_in", "coding_rate_out", "compression", "sparsity", "dead_fraction"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+    assert report["checkpoint"].endswith("ckpt.pt") and (out / "layer_01.html").is_file()
