@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -117,19 +118,26 @@ def edit_effects(model: CrateLM, tokens: np.ndarray, layers: list[dict[str, Any]
 
 def inspect(model: CrateLM, tokens: np.ndarray, out_dir: str | Path, n_tokens: int = 100_000,
             window: int | None = None, batch: int = 4, k: int = 10, pairs: int = 10, summary_units: int = 30,
-            edit_units: int = 5, tokenizer=None, source: dict[str, Any] | None = None,
+            edit_units: int = 5, edit: list[tuple[int, int]] = (), tokenizer=None, source: dict[str, Any] | None = None,
             device: str = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Collect the statistics, write OUT/{index.html, layer_XX.html, report.json}; returns the report."""
+    """Collect the statistics, write OUT/{index.html, layer_XX.html, report.json}; returns the report.
+    The clamping effects are shown for the units ``edit`` (layer, unit) and the first
+    ``edit_units`` of the summary."""
     from cratelm.model.io import atomic_dir
     from cratelm.workbench import html
 
     stats = collect(model, tokens, n_tokens, window, batch, k, pairs, device, progress)
     layers = [layer_report(stats, i, tokens) for i in range(model.cfg.n_layer)]
     summary = top_units(layers, summary_units)
+    for layer, unit in edit:
+        if not (0 <= layer < len(layers) and 0 <= unit < len(layers[layer]["units"])):
+            raise ValueError(f"--edit {layer}:{unit}: no such unit (layers 0..{len(layers) - 1}, units "
+                             f"0..{len(layers[0]['units']) - 1})")
+    chosen = [{"layer": la, "unit": u} for la, u in edit] + summary[:edit_units]
     report = {"format": "cratelm-inspect", "version": 1, **(source or {}), "arch": model.cfg.arch,
               "tokens": stats.tokens, "windows": stats.windows, "window": stats.window, "top_k": k,
               "unit_kind": "MLP neuron (GELU)" if model.cfg.arch == "gpt2" else "ISTA code unit",
-              "summary": summary, "edits": edit_effects(model, tokens, layers, summary[:edit_units], stats),
+              "summary": summary, "edits": edit_effects(model, tokens, layers, chosen, stats),
               "layers": layers}
     pieces = html.Pieces(tokenizer)
 
@@ -142,6 +150,14 @@ def inspect(model: CrateLM, tokens: np.ndarray, out_dir: str | Path, n_tokens: i
     return report
 
 
+def parse_unit(text: str) -> tuple[int, int]:
+    """``"2:17"`` -> (2, 17)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"--edit {text!r} must look like LAYER:UNIT, e.g. 0:17")
+    return int(m.group(1)), int(m.group(2))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="exported model dir, run dir, or an authors' .pt file")
     p.add_argument("--data", required=True, help="a token shard (dir/val.bin) or a UTF-8 text file")
@@ -151,6 +167,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--top-k", type=int, default=10, help="top activating contexts kept per unit")
     p.add_argument("--edit-units", type=int, default=5, help="units of the summary whose clamping is shown")
+    p.add_argument("--edit", action="append", default=[], metavar="LAYER:UNIT",
+                   help="also show how clamping this unit changes the next-token distribution; repeatable")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the checkpoint's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -160,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from cratelm.model.io import load_model
 
     try:
+        edit = [parse_unit(e) for e in args.edit]
         model, meta = load_model(args.checkpoint, args.device)
         tokenizer, meta = checked_tokenizer(args.tokenizer, meta, str(args.checkpoint))
         tokens, _, label = load_tokens(args.data, tokenizer, meta)
@@ -167,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.data} holds token id {int(tokens.max())} but the model's vocabulary has "
                              f"{model.cfg.padded_vocab} rows")
         report = inspect(model, tokens, args.out, args.tokens, args.window, args.batch_size, args.top_k,
-                         edit_units=args.edit_units, tokenizer=tokenizer,
+                         edit_units=args.edit_units, edit=edit, tokenizer=tokenizer,
                          source={"checkpoint": str(args.checkpoint), "data": label}, device=args.device,
                          progress=True)
     except (ValueError, FileNotFoundError) as e:

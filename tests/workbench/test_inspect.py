@@ -80,7 +80,7 @@ def test_inspect_planted_unit_dead_units_and_html(planted, text_corpus, tmp_path
     model, path, t_star, tok, val = planted
     out = tmp_path / "report"
     assert main(["inspect", "--checkpoint", str(path), "--data", str(text_corpus / "val.bin"), "--out", str(out),
-                 "--tokens", "600", "--window", "32", "--edit-units", "2"]) == 0
+                 "--tokens", "600", "--window", "32", "--edit-units", "2", "--edit", "1:5"]) == 0
     report = json.loads((out / "report.json").read_text())
     n = report["tokens"]
     assert n == min(600, len(val)) // 32 * 32 + (min(600, len(val)) % 32 if min(600, len(val)) % 32 >= 2 else 0)
@@ -100,6 +100,7 @@ def test_inspect_planted_unit_dead_units_and_html(planted, text_corpus, tmp_path
     assert best == pytest.approx(1 - unit["frequency"]) and unit["score"] == best
     assert {(u["layer"], u["unit"]) for u in report["summary"] if u["score"] == best} == {(0, 0), (1, 0)}
     # amplifying the planted unit on its top contexts makes t_star the most likely next token
+    assert [(e["layer"], e["unit"]) for e in report["edits"]][0] == (1, 5)          # --edit first, then the summary's
     edit = next(e for e in report["edits"] if (e["layer"], e["unit"]) == (0, PLANTED_UNIT))
     assert all(case["amplified"][0]["token"] == t_star for case in edit["contexts"])
     # the HTML parses back, every page linked from the index exists, anchors resolve
