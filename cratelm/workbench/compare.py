@@ -152,7 +152,7 @@ def _write_atomic(path: Path, text: str | bytes) -> None:
 def train_runs(p: Plan) -> dict[str, str]:
     """Train every unfinished run (resuming it); returns name -> "trained" / "skipped"."""
     from cratelm.dist import close_process_group
-    from cratelm.train.trainer import train
+    from cratelm.train import train
 
     done: dict[str, str] = {}
     walls_path = p.out / "wall_times.json"
@@ -222,8 +222,8 @@ def evaluate_run(cfg: JobConfig, cache: Path) -> dict[str, Any]:
 
     import torch
 
+    from cratelm.checkpoints import load_model
     from cratelm.evaluate import evaluate
-    from cratelm.model.io import load_model
     from cratelm.train import checkpoint as ckpt
 
     latest = ckpt.latest_checkpoint(Path(cfg.train.run_dir) / ckpt.CKPT_DIR)

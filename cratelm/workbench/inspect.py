@@ -123,7 +123,7 @@ def inspect(model: CrateLM, tokens: np.ndarray, out_dir: str | Path, n_tokens: i
     """Collect the statistics, write OUT/{index.html, layer_XX.html, report.json}; returns the report.
     The clamping effects are shown for the units ``edit`` (layer, unit) and the first
     ``edit_units`` of the summary."""
-    from cratelm.model.io import atomic_dir
+    from cratelm.checkpoints import atomic_dir
     from cratelm.workbench import html
 
     stats = collect(model, tokens, n_tokens, window, batch, k, pairs, device, progress)
@@ -174,8 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cratelm.checkpoints import load_model
     from cratelm.evaluate import checked_tokenizer, load_tokens
-    from cratelm.model.io import load_model
 
     try:
         edit = [parse_unit(e) for e in args.edit]

@@ -17,7 +17,7 @@ from cratelm.cli import main
 from cratelm.config import ModelConfig
 from cratelm.data import IndexedTokens, Tokenizer
 from cratelm.model import CrateLM
-from cratelm.model.io import save_model
+from cratelm.checkpoints import save_model
 from cratelm.workbench.edit import clamped, next_token_probs, parse_clamp
 from cratelm.workbench.inspect import inspect
 from cratelm.workbench.stats import collect
