@@ -24,6 +24,7 @@ def plot_all(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     done = [r for r in rows if r["status"] == "finished"]
     paths = []
@@ -48,6 +49,7 @@ def plot_all(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     axes[0].set(xlabel="layer", ylabel="coding rate in - out", title="compression per layer (MSSA), end of training")
     axes[1].set(xlabel="layer", ylabel="fraction of zeros", ylim=(0, 1), title="ISTA sparsity per layer, end of training")
     for a in axes:
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))       # layers are integers
         if a.lines:
             a.legend()
         else:
