@@ -71,7 +71,8 @@ def test_compare_tiny_preset_table_plots_and_rerun(text_corpus, tmp_path, capsys
     assert {r["run"]: (out / "runs" / r["run"] / "metrics.jsonl").read_text() for r in table} == before
     (out / "compare.md").unlink()
     (out / "whitebox.png").unlink()
-    again = compare("tiny", out, only=True, data=str(text_corpus))
+    assert main(["compare", "--preset", "tiny", "--out", str(out), "--data", str(text_corpus), "--only"]) == 0
+    again = json.loads((out / "compare.json").read_text())["runs"]
     assert [r["val_loss"] for r in again] == [r["val_loss"] for r in table]
     assert (out / "compare.md").read_text() == md and (out / "whitebox.png").is_file()
 
