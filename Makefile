@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # TORCH_SPEC to the CUDA build you want, e.g. `make demo TORCH_SPEC=torch==2.11.0`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-gpu demo bench clean
+.PHONY: setup test test-gpu demo compare bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,8 +25,12 @@ test-gpu: setup
 demo: setup
 	$(PY) -m cratelm.demo $(DEMO_ARGS)
 
+# CRATE-GPT, CRATE-alpha, CRATE-LM and GPT-2 under one recipe on the stdlib corpus (~15 min on 2 cores)
+compare: setup
+	$(PY) -m cratelm compare --preset cpu --out compare $(COMPARE_ARGS)
+
 bench: setup
 	$(PY) -m cratelm bench --config configs/model/crate-gpt2-base.yaml
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) demo compare

@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cratelm.commands", "export a consolidated fp32 model from a DeepSpeed checkpoint"),
     "eval": ("cratelm.commands", "perplexity of a model on token shards or text files"),
     "generate": ("cratelm.commands", "sample text from a model"),
+    "compare": ("cratelm.workbench.compare", "train several model configs under one recipe and tabulate them"),
+    "inspect": ("cratelm.workbench.inspect", "HTML report of what each code unit and subspace of a model encodes"),
     "bench-kernels": ("cratelm.kernels.bench", "attention / ISTA / loss kernel benchmarks"),
     "launch-check": ("cratelm.launch_check", "check a multi-node launch before starting it"),
 }

@@ -99,17 +99,21 @@ def run_import_crate_gpt(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ generate
 def generate(checkpoint: str | os.PathLike, prompt: str = "", tokenizer: str | None = None,
              max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200, seed: int = 1337,
-             num_samples: int = 1, device: str = "cpu", out: TextIO | None = None) -> list[str]:
+             num_samples: int = 1, device: str = "cpu", out: TextIO | None = None,
+             clamp: list[tuple[int, int, float]] = ()) -> list[str]:
     """Sample ``num_samples`` continuations of ``prompt`` (empty: start from the EOS token) from
     any model `cratelm.checkpoints.load_model` reads; each is streamed to ``out`` as it grows
     (prompt, text, then a separator line between samples). Returns the continuations.
+    ``clamp``: (layer, unit, value) code units held fixed (cratelm.workbench.edit).
     Raises ValueError when the tokenizer is missing or differs from the model's."""
     import torch
 
     from cratelm.checkpoints import load_model
     from cratelm.evaluate import checked_tokenizer
+    from cratelm.workbench.edit import set_clamps
 
     model, meta = load_model(checkpoint, device)
+    set_clamps(model, list(clamp))
     tok, _ = checked_tokenizer(tokenizer, meta, str(checkpoint))
     if tok is None:
         raise ValueError(f"{checkpoint} records no tokenizer; pass --tokenizer PATH")
@@ -156,6 +160,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--clamp", action="append", default=[], metavar="LAYER:UNIT=VALUE",
+                   help="hold a sparse code unit (gpt2: an MLP neuron) at VALUE while generating; repeatable")
 
 
 def _cuda() -> bool:
@@ -168,9 +174,12 @@ def _cuda() -> bool:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from cratelm.workbench.edit import parse_clamp
+
     try:
         generate(args.checkpoint, args.prompt, args.tokenizer, args.max_new_tokens, args.temperature, args.top_k,
-                 args.seed, args.num_samples, args.device, out=sys.stdout)
+                 args.seed, args.num_samples, args.device, out=sys.stdout,
+                 clamp=[parse_clamp(c) for c in args.clamp])
     except ValueError as e:
         raise SystemExit(f"cratelm generate: error: {e}") from None
     return 0

@@ -20,6 +20,8 @@ zero for every token of the batch ("dead").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from cratelm.model.crate import CrateBlock, CrateLM
@@ -38,6 +40,19 @@ def coding_rate(u: torch.Tensor, eps_sq: float = EPS_SQ) -> torch.Tensor:
     return 0.5 * logdet.sum(-1)
 
 
+def crate_layers(model: CrateLM, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Walk the CRATE blocks on token ids idx (B, T); per layer yield (head coordinates of the
+    MSSA input (B, K, T, p), head coordinates of its output, the ISTA code (B, T, d or m))."""
+    x = model.embed(idx)
+    for block in model.blocks.values():
+        assert isinstance(block, CrateBlock)
+        u_in = block.mssa.project(block.ln1(x))
+        x = x + block.mssa(block.ln1(x))
+        code = block.ista.code(block.ln2(x))
+        yield u_in, block.mssa.project(block.ln1(x)), code
+        x = block.ista.decode(code, x)
+
+
 @torch.no_grad()
 def layer_diagnostics(model: CrateLM, idx: torch.Tensor) -> list[dict[str, float]]:
     """Per-layer compression and sparsity on token ids idx (B, T); plain floats.
@@ -51,13 +66,8 @@ def layer_diagnostics(model: CrateLM, idx: torch.Tensor) -> list[dict[str, float
     was_training = model.training
     model.eval()
     out = []
-    x = model.embed(idx)
-    for block in model.blocks.values():
-        assert isinstance(block, CrateBlock)
-        r_in = coding_rate(block.mssa.project(block.ln1(x))).mean().item()
-        x = x + block.mssa(block.ln1(x))
-        r_out = coding_rate(block.mssa.project(block.ln1(x))).mean().item()
-        code = block.ista.code(block.ln2(x))                            # (B, T, d or m)
+    for u_in, u_out, code in crate_layers(model, idx):
+        r_in, r_out = coding_rate(u_in).mean().item(), coding_rate(u_out).mean().item()
         zero = code == 0
         out.append({
             "coding_rate_in": r_in,
@@ -66,6 +76,5 @@ def layer_diagnostics(model: CrateLM, idx: torch.Tensor) -> list[dict[str, float
             "sparsity": zero.float().mean().item(),
             "dead_fraction": zero.reshape(-1, zero.shape[-1]).all(dim=0).float().mean().item(),
         })
-        x = block.ista.decode(code, x)
     model.train(was_training)
     return out

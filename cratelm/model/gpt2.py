@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from cratelm.config import ModelConfig
 from cratelm.kernels import attention_qkv
 from cratelm.model.generate import TokenCache
+from cratelm.model.ista import clamp_units
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,6 +45,8 @@ class GPT2Block(nn.Module):
     """x + attn(LN1(x)), then + MLP(LN2(x))."""
 
     cache_tensors = 2  # k and v
+    clamp: dict[int, float] | None = None
+    """MLP neurons held at fixed values (they stand in for CRATE's code units when editing)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -61,5 +64,10 @@ class GPT2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, layer)
-        return x + self.mlp_drop(self.mlp_proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh")))
+        return x + self.mlp_drop(self.mlp_proj(self.neurons(self.ln2(x))))
+
+    def neurons(self, z: torch.Tensor) -> torch.Tensor:
+        """The MLP's hidden units GELU(W_1 z) (B, T, mlp_ratio * d), clamped when editing."""
+        h = F.gelu(self.fc(z), approximate="tanh")
+        return clamp_units(h, self.clamp) if self.clamp else h
 

@@ -29,8 +29,19 @@ from cratelm.config import ModelConfig
 from cratelm.kernels.ista import ista_complete, ista_complete_authors, ista_overcomplete
 
 
+def clamp_units(code: torch.Tensor, clamp: dict[int, float]) -> torch.Tensor:
+    """A copy of ``code`` (..., m) with the units ``clamp`` maps set to their values (unit editing)."""
+    units = torch.tensor(list(clamp), device=code.device)
+    code = code.clone()
+    code[..., units] = torch.tensor(list(clamp.values()), dtype=code.dtype, device=code.device)
+    return code
+
+
 class ISTA(nn.Module):
     """Sparse coding step against a learned dictionary (see the module docstring)."""
+
+    clamp: dict[int, float] | None = None
+    """Code units held at fixed values (``cratelm generate --clamp``); None, the default, costs nothing."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -67,4 +78,7 @@ class ISTA(nn.Module):
         return x + self.drop(self.decoder(c))    # crate-alpha
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.code(z), x)
+        c = self.code(z)
+        if self.clamp:
+            c = clamp_units(c, self.clamp)
+        return self.decode(c, x)
