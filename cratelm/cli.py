@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cratelm.commands", "parameters and FLOPs per token of a model config, as JSON"),
     "import-crate-gpt": ("cratelm.commands", "import a checkpoint saved by the CRATE authors' code"),
     "import-hf": ("cratelm.hf.export", "import a Hugging Face transformers model (gpt2, or a CRATE export)"),
-    "bench": ("cratelm.bench", "time a training step: tokens/s, TFLOP/s, MFU, memory"),
+    "bench": ("cratelm.bench.model", "time a training step: tokens/s, TFLOP/s, MFU, memory"),
     "train-tokenizer": ("cratelm.data.tokenizer", "train a lossless sentencepiece tokenizer"),
     "prepare-data": ("cratelm.data.prepare", "tokenize corpora into indexed token shards"),
     "train": ("cratelm.commands", "train a model through DeepSpeed"),
@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("cratelm.commands", "sample text from a model"),
     "compare": ("cratelm.workbench.compare", "train several model configs under one recipe and tabulate them"),
     "inspect": ("cratelm.workbench.inspect", "HTML report of what each code unit and subspace of a model encodes"),
-    "bench-kernels": ("cratelm.kernels.bench", "attention / ISTA / loss kernel benchmarks"),
+    "bench-kernels": ("cratelm.bench.kernels", "attention / ISTA / loss kernel benchmarks"),
     "launch-check": ("cratelm.launch_check", "check a multi-node launch before starting it"),
 }
 

@@ -24,11 +24,9 @@ import yaml
 
 from cratelm import yaml_config
 from cratelm.yaml_config import ConfigError, build, field_docs, read_sections  # noqa: F401  (public here)
+from cratelm.kernels.registry import ATTN_BACKENDS, ISTA_IMPLS, LOSS_IMPLS
 
 ARCHS = ("crate-gpt", "crate-lm", "crate-alpha", "gpt2")
-ATTN_BACKENDS = ("reference", "sdpa", "flash", "triton")
-ISTA_IMPLS = ("torch", "authors", "fused", "triton", "compile")
-LOSS_IMPLS = ("plain", "chunked", "liger")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

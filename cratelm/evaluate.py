@@ -84,10 +84,11 @@ def score_stream(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, cont
             h = model.hidden(x).flatten(0, 1)                     # (B*T, d)
         y = y.flatten()
         # the head in row chunks: never the whole (B*T, V) logits at once
-        rows = max(1, LOGIT_CHUNK // model.head_weight.shape[0])
+        head = model.head_weight[: model.cfg.vocab_size]    # padded vocabulary rows are no tokens
+        rows = max(1, LOGIT_CHUNK // head.shape[0])
         for r in range(0, h.shape[0], rows):
             with autocast:
-                logits = F.linear(h[r:r + rows], model.head_weight)
+                logits = F.linear(h[r:r + rows], head)
             nll = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, y[r:r + rows],
                                   ignore_index=-1, reduction="none")
             total += nll.double().sum().item()     # float64 sums: the same result however windows are split
@@ -130,12 +131,13 @@ def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int
         raise FileNotFoundError(f"{path}: no such shard or text file")
     if tokenizer is None:
         raise ValueError(f"{path} is raw text but the model records no tokenizer; pass --tokenizer")
+    raw = p.read_bytes()    # bytes, then decode: CRLF and lone CR stay as in the file (as prepare-data)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     ids = tokenizer.encode(text) + [tokenizer.eos_id]
-    return np.asarray(ids, dtype=np.int64), len(text.encode("utf-8")), str(p)
+    return np.asarray(ids, dtype=np.int64), len(raw), str(p)
 
 
 def evaluate(model: torch.nn.Module, data: list[str], model_meta: dict, tokenizer=None, stride: int | None = None,

@@ -23,7 +23,9 @@ Overcomplete ISTA (crate-lm / crate-alpha), W (m, d), ``steps`` >= 1:
 (c_k + eta e_k W^T = c_k + eta (a - c_k W W^T) with a = z W^T.) The code c (N, m) is returned;
 decoding (c W, or a separate decoder) is the model's job.
 
-``impl``: "torch" the plain autograd form (the model's default on CPU); "fused" an
+``impl`` (names in cratelm.kernels.registry.ISTA): "torch" the plain autograd form (the
+model's default); "authors" the authors' three-matmul form (complete only; the
+overcomplete forms have no authors' variant and use "torch"); "fused" an
 autograd.Function whose forward uses torch.addmm (cuBLAS beta-epilogue) plus in-place
 shrink, and whose backward uses the saved ReLU output as mask; "triton" the same Function
 with a Triton GEMM whose epilogue applies the shrink/ReLU; "compile" torch.compile of
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cratelm.kernels import outside_autocast
+from cratelm.kernels.registry import ISTA_IMPLS
 
 try:  # triton is optional: only impl="triton" needs it
     import triton
@@ -48,8 +51,6 @@ try:  # triton is optional: only impl="triton" needs it
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
 
-ISTA_IMPLS = ("torch", "fused", "triton", "compile")
-COMPILE_MODE: str | None = None  # e.g. "max-autotune-no-cudagraphs" to let inductor fuse into Triton GEMMs
 
 
 # --------------------------------------------------------------------------- plain forms
@@ -236,7 +237,7 @@ _COMPILED: dict[str, Callable] = {}
 
 def _compiled(name: str, fn: Callable) -> Callable:
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, mode=COMPILE_MODE)
+        _COMPILED[name] = torch.compile(fn)
     return _COMPILED[name]
 
 
@@ -254,6 +255,8 @@ def ista_complete(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float,
     _check(z, W, impl, square=True)
     if impl == "torch":
         return _complete_torch(z, W, eta, lmbda)
+    if impl == "authors":
+        return ista_complete_authors(z, W, eta, lmbda)
     if impl == "compile":
         return _compiled("complete", _complete_torch)(z, W, eta, lmbda)
     z2 = z.reshape(-1, z.shape[-1])
@@ -268,7 +271,7 @@ def ista_overcomplete(z: torch.Tensor, W: torch.Tensor, eta: float, lmbda: float
     _check(z, W, impl, square=False)
     if steps < 1:
         raise ValueError(f"ISTA: steps={steps} must be >= 1")
-    if impl == "torch":
+    if impl in ("torch", "authors"):   # the authors had no overcomplete form
         return _overcomplete_torch(z, W, eta, lmbda, steps)
     if impl == "compile":
         return _compiled("overcomplete", _overcomplete_torch)(z, W, eta, lmbda, steps)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cratelm.config import ModelConfig
-from cratelm.kernels import attention_qkv
+from cratelm.kernels import resolve_attention
 from cratelm.model.generate import TokenCache
 from cratelm.model.ista import clamp_units
 
@@ -24,6 +24,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.n_head, self.head_dim, self.backend = cfg.n_head, cfg.head_dim, cfg.attn_backend
+        self.attend = resolve_attention(cfg.attn_backend, qkv=True, dropout=cfg.dropout > 0)   # once
+        self.attend_cached = resolve_attention("reference" if cfg.attn_backend == "reference" else "sdpa", qkv=True)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.attn_dropout = cfg.dropout
@@ -33,11 +35,11 @@ class CausalSelfAttention(nn.Module):
         B, T, d = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, p)
                    for t in self.qkv(x).split(d, dim=2))
-        backend, dropout_p = self.backend, self.attn_dropout if self.training else 0.0
+        attend, dropout_p = self.attend, self.attn_dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-            backend = "reference" if backend == "reference" else "sdpa"
-        y = attention_qkv(q, k, v, backend=backend, causal=True, dropout_p=dropout_p)
+            attend = self.attend_cached
+        y = attend(q, k, v, causal=True, dropout_p=dropout_p) if dropout_p else attend(q, k, v, causal=True)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, d)))
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from cratelm.config import ModelConfig
-from cratelm.kernels.ista import ista_complete, ista_complete_authors, ista_overcomplete
+from cratelm.kernels.ista import ista_complete, ista_overcomplete
 
 
 def clamp_units(code: torch.Tensor, clamp: dict[int, float]) -> torch.Tensor:
@@ -63,11 +63,8 @@ class ISTA(nn.Module):
     def code(self, z: torch.Tensor) -> torch.Tensor:
         """The sparse code: the block output itself for crate-gpt, c (B, T, m) otherwise."""
         if self.complete:
-            if self.impl == "authors":
-                return ista_complete_authors(z, self.weight, self.eta, self.lmbda)
             return ista_complete(z, self.weight, self.eta, self.lmbda, impl=self.impl)
-        impl = "torch" if self.impl == "authors" else self.impl   # the authors had no overcomplete form
-        return ista_overcomplete(z, self.weight, self.eta, self.lmbda, steps=self.steps, impl=impl)
+        return ista_overcomplete(z, self.weight, self.eta, self.lmbda, steps=self.steps, impl=self.impl)
 
     def decode(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Back to the residual stream; ``x`` is the block's MSSA output x'."""

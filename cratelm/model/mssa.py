@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from cratelm.config import ModelConfig
-from cratelm.kernels import attention, attention_qkv
+from cratelm.kernels import resolve_attention
 
 if TYPE_CHECKING:
     from cratelm.model.generate import TokenCache
@@ -34,6 +34,8 @@ class MSSA(nn.Module):
         d = cfg.d_model
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.backend = cfg.attn_backend
+        self.attend = resolve_attention(cfg.attn_backend, dropout=cfg.dropout > 0)   # once, not per call
+        self.attend_cached = resolve_attention("reference" if cfg.attn_backend == "reference" else "sdpa", qkv=True)
         self.U = nn.Linear(d, d, bias=False)      # ONE projection: query = key = value
         self.proj = nn.Linear(d, d, bias=True)    # W_o, b_o
         self.attn_dropout = cfg.dropout                # on the attention probabilities
@@ -47,12 +49,12 @@ class MSSA(nn.Module):
     def forward(self, z: torch.Tensor, cache: TokenCache | None = None, layer: int = 0) -> torch.Tensor:
         w = self.project(z)                                    # (B, K, T, p)
         if cache is None:
-            y = attention(w, backend=self.backend, causal=True,
-                          dropout_p=self.attn_dropout if self.training else 0.0)
+            dropout_p = self.attn_dropout if self.training else 0.0
+            y = self.attend(w, causal=True, dropout_p=dropout_p) if dropout_p else self.attend(w, causal=True)
         else:
             # generation: ONE cached tensor per layer serves as both keys and values
             (w_all,) = cache.extend(layer, w)
-            y = attention_qkv(w, w_all, w_all, backend="reference" if self.backend == "reference" else "sdpa")
+            y = self.attend_cached(w, w_all, w_all, causal=True)
         B, K, T, p = y.shape
         y = y.transpose(1, 2).reshape(B, T, K * p)             # concat heads
         return self.resid_drop(self.proj(y))

@@ -60,3 +60,38 @@ def test_uniform_logits_give_perplexity_equal_to_vocab():
     tokens = np.random.default_rng(1).integers(0, 128, size=40)
     nll, n = score_stream(model, tokens, C, C)
     assert math.exp(nll / n) == pytest.approx(128, rel=1e-6)
+
+
+def test_padded_vocabulary_rows_are_not_in_the_softmax():
+    """vocab 50 is padded to 64 rows; eval normalises over the 50 real tokens only, and
+    generation never samples a padded id."""
+    model = tiny_model(vocab_size=50)
+    assert model.cfg.padded_vocab == 64
+    tokens = np.random.default_rng(2).integers(0, 50, size=C + 1)
+    t = torch.as_tensor(tokens)
+    with torch.no_grad():
+        logits = model.double()(t[None, :-1])[0, :, :50]
+    want = -torch.log_softmax(logits, -1).gather(1, t[1:, None]).sum().item()
+    got, n = score_stream(model, tokens, C, C)
+    assert n == C and got == pytest.approx(want, rel=1e-9)
+    with torch.no_grad():
+        model.embed.wte.weight[50:] = 100.0                # padded rows would win every argmax
+    out = model.float().generate(t[None, :4], 8, temperature=0)
+    assert int(out.max()) < 50
+
+
+def test_raw_text_is_read_as_bytes(tmp_path):
+    """CRLF and lone CR are scored as they are in the file, and bits-per-byte counts its bytes."""
+    from cratelm.evaluate import load_tokens
+
+    class Bytes:        # a byte-level tokenizer: one id per UTF-8 byte
+        eos_id = 256
+
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+    raw = "line one\r\nline two\rend é\n".encode()
+    (tmp_path / "t.txt").write_bytes(raw)
+    ids, n_bytes, _ = load_tokens(str(tmp_path / "t.txt"), Bytes(), {})
+    assert n_bytes == len(raw) == 26
+    assert ids.tolist() == list(raw) + [256]

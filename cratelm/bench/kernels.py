@@ -10,6 +10,12 @@ FLOPs of the minimal algorithm, 2 per multiply-add, backward = 2 x forward for m
 - overcomplete ISTA (N, d, m, steps s): forward 2 N d m (2s - 1), forward+backward 3 x;
 - LM head + loss (N, d, V): forward 2 N d V, forward+backward 3 x forward.
 
+Bytes moved (the loss table): the tensor traffic of one forward + backward, counted by
+a TorchDispatchMode on the meta device (so at full size on any machine, on the CUDA code
+path): every aten op (or cratelm custom op) reads its tensor inputs once and writes its
+outputs and mutated inputs once; views move nothing. A lower bound of DRAM traffic that
+is exact for fusion decisions: it shows how many passes over the logits and dW there are.
+
 Timing: CUDA events on a GPU, time.perf_counter on CPU, after warm-up (which also runs
 Triton autotuning and torch.compile). Peak memory: torch.cuda.max_memory_allocated above
 what was allocated before the call; on Linux CPUs the growth of the peak resident set
@@ -30,6 +36,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cratelm.utils import sync
 
@@ -54,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overcomplete", type=int, default=4, help="m / d for the overcomplete ISTA rows")
     parser.add_argument("--ista-steps", type=int, default=2)
     parser.add_argument("--loss-impls", default="plain,chunked,liger")
+    parser.add_argument("--loss-chunk-rows", default=None,
+                        help="comma list of chunk heights: extra 'chunked' rows (a chunk-size sweep)")
     parser.add_argument("--loss-tokens", type=int, default=None,
                         help="N = B*T for the loss (default 16384 cuda, 1024 cpu)")
     parser.add_argument("--vocab", type=int, default=50304)
@@ -225,21 +234,65 @@ def bench_ista(args: argparse.Namespace) -> str:
                             HEADER, over))
 
 
-def bench_loss(args: argparse.Namespace) -> str:
+class TrafficCounter(TorchDispatchMode):
+    """Sums the bytes of tensor inputs, outputs and mutated inputs of every non-view op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not func.is_view:
+            nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+            schema_args = func._schema.arguments
+            flat = list(args) + [kwargs.get(a.name) for a in schema_args[len(args):]]
+            for a, v in zip(schema_args, flat):
+                if isinstance(v, torch.Tensor):
+                    written = a.alias_info is not None and a.alias_info.is_write
+                    self.bytes += nbytes(v) * (2 if written and a.name != "out" else 1)
+            if not any(a.name == "out" for a in schema_args):
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                self.bytes += sum(nbytes(t) for t in outs if isinstance(t, torch.Tensor))
+        return out
+
+
+def loss_traffic_bytes(impl: str, N: int, d: int, V: int, dtype: torch.dtype, chunk_rows: int | None = None) -> int:
+    """Bytes moved by one forward + backward of lm_head_loss (see the module doc), on meta tensors."""
     from cratelm.kernels.loss import lm_head_loss
+
+    hidden = torch.empty(N, d, device="meta", dtype=dtype, requires_grad=True)
+    weight = torch.empty(V, d, device="meta", dtype=dtype, requires_grad=True)
+    targets = torch.empty(N, device="meta", dtype=torch.long)
+    with TrafficCounter() as counter:
+        lm_head_loss(hidden, weight, targets, impl=impl, chunk_rows=chunk_rows).backward()
+    return counter.bytes
+
+
+def bench_loss(args: argparse.Namespace) -> str:
+    from cratelm.kernels.loss import default_chunk_rows, lm_head_loss
 
     dev, dt, N, d, V = args.device, args.dtype_t, args.loss_tokens, args.width, args.vocab
     hidden = torch.randn(N, d, device=dev, dtype=dt, requires_grad=True)
     weight = (torch.randn(V, d, device=dev) * 0.02).to(dt).requires_grad_()
     targets = torch.randint(0, V, (N,), device=dev)
+    cases = [(impl, None) for impl in args.loss_impls.split(",")]
+    cases += [("chunked", int(r)) for r in filter(None, (args.loss_chunk_rows or "").split(","))]
     rows = []
-    for impl in args.loss_impls.split(","):
+    for impl, chunk in cases:
+        name = impl if chunk is None else f"chunked, {chunk} rows"
         if impl == "liger" and (dev != "cuda" or importlib.util.find_spec("liger_kernel") is None):
-            rows.append([impl, "skipped: needs CUDA and liger-kernel", "", "", "", ""])
+            rows.append([name, "skipped: needs CUDA and liger-kernel", "", "", "", "", ""])
             continue
-        rows.append(_measure(impl, lambda impl=impl: lm_head_loss(hidden, weight, targets, impl=impl),
-                             [hidden, weight], 2 * N * d * V, 3.0, dev, args.warmup, args.reps))
-    return _table(f"LM head + cross-entropy, N={N} d={d} V={V}, {args.dtype} on {dev}", HEADER, rows)
+        moved = "n/a" if impl == "liger" else f"{loss_traffic_bytes(impl, N, d, V, dt, chunk) / 1e9:.2f}"
+        row = _measure(name, lambda impl=impl, chunk=chunk: lm_head_loss(hidden, weight, targets, impl=impl,
+                                                                         chunk_rows=chunk),
+                       [hidden, weight], 2 * N * d * V, 3.0, dev, args.warmup, args.reps)
+        rows.append(row + [moved])
+    title = (f"LM head + cross-entropy, N={N} d={d} V={V}, {args.dtype} on {dev} "
+             f"(chunked default: {default_chunk_rows(N, V, weight.element_size())} rows)")
+    return _table(title, HEADER + ["fwd+bwd GB moved"], rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     args.reps = args.reps or (20 if gpu else 5)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# kernel benchmarks on {where}, torch {torch.__version__}; FLOP conventions in cratelm.kernels.bench")
+    print(f"# kernel benchmarks on {where}, torch {torch.__version__}; FLOP conventions in cratelm.bench.kernels")
     for what, fn in (("attention", bench_attention), ("ista", bench_ista), ("loss", bench_loss)):
         if args.what in (what, "all"):
             print(fn(args), flush=True)

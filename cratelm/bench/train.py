@@ -1,7 +1,7 @@
 """How much does the training system cost? ``cratelm train`` (DeepSpeed engine) against the
 same model stepped by a plain PyTorch loop, on the same batch shapes, one process.
 
-    python -m cratelm.train.bench --d-model 256 --n-layer 4 --context 256 --micro-batch 8 --steps 30
+    python -m cratelm.bench.train --d-model 256 --n-layer 4 --context 256 --micro-batch 8 --steps 30
 
 1. cratelm train: the trainer's own optimizer step (``Engine.train_step``: DeepSpeed
    engine forward + backward + step, the per-step all-reduce of loss / NaN / stop flags,
@@ -129,7 +129,7 @@ def summarize(name: str, times: list[float], warmup: int, tokens_per_step: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cratelm.train.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cratelm.bench.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="crate-gpt")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)

@@ -1,8 +1,10 @@
 """``cratelm bench``: time a forward + backward + AdamW step of a model, bare (no DeepSpeed).
 
 Prints one markdown row per variant: tokens/s, model TFLOP/s (FLOPs counted explicitly by
-cratelm.model.accounting), MFU against a matmul rate measured on the same device in the
-same run (bf16 on CUDA, the run's dtype on CPU), and peak memory.
+cratelm.model.accounting), MFU against the device's DATASHEET peak (dense bf16, fp32
+accumulate: cratelm.train.metrics.PEAK_BF16_TFLOPS, the trainer's MFU; "-" on a CPU or an
+unknown GPU), the fraction of a matmul rate measured on the same device in the same run
+(bf16 on CUDA, the run's dtype on CPU; a separate, higher figure), and peak memory.
 
     cratelm bench --config configs/model/crate-gpt2-base.yaml --batch 16 --dtype bf16   # one GPU
     cratelm bench --config configs/model/tiny.yaml --variants fast,authors --dtype fp32   # CPU
@@ -20,14 +22,16 @@ import torch
 from cratelm.commands import add_config_arguments, config_from_args
 from cratelm.config import ModelConfig
 from cratelm.model import CrateLM, flops_per_token
+from cratelm.train.metrics import peak_tflops
 from cratelm.utils import measured_matmul_tflops, sync
 
 # variant -> model config changes. "fast" is the config as given (cratelm's defaults: sdpa on
-# q=k=v, two-matmul ISTA, chunked loss); "triton" our tied-QKV kernel + fused ISTA; "authors"
-# the authors' formulation: explicit attention, three-matmul ISTA, full logits.
+# q=k=v, two-matmul ISTA, chunked loss); "triton" our Triton kernels: tied-QKV attention and
+# the ISTA GEMM with its shrink epilogue; "authors" the authors' formulation: explicit
+# attention, three-matmul ISTA, full logits.
 VARIANTS: dict[str, dict] = {
     "fast": {},
-    "triton": {"attn_backend": "triton", "ista_impl": "fused", "loss_impl": "chunked"},
+    "triton": {"attn_backend": "triton", "ista_impl": "triton", "loss_impl": "chunked"},
     "authors": {"attn_backend": "reference", "ista_impl": "authors", "loss_impl": "plain"},
     "gpt2": {"arch": "gpt2", "attn_backend": "sdpa", "ista_impl": "torch"},
 }
@@ -114,6 +118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the full `cratelm train` step (DeepSpeed ZeRO-1) against a plain loop")
     p.add_argument("--eval", type=int, default=0, metavar="WINDOWS",
                    help="also time evaluation over this many context-long windows (batched vs one at a time)")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="size of the n^3 matmul whose rate is measured (default 8192 on CUDA, 2048 on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="datasheet peak for MFU (default: the table entry of this GPU; none on CPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
@@ -124,23 +132,29 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[dtype_name]
     T = args.seq_len or cfg.context
     peak_dtype = torch.bfloat16 if device.type == "cuda" else dtype
-    peak = measured_matmul_tflops(device, peak_dtype)
+    measured = measured_matmul_tflops(device, peak_dtype, args.matmul_n)
+    datasheet = peak_tflops(args.peak_tflops, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; measured {str(peak_dtype).split('.')[-1]} matmul rate {peak:.2f} TFLOP/s; "
-          f"{dtype_name}, batch {args.batch}, T {T}, d {cfg.d_model}, L {cfg.n_layer}, compile={args.compile}\n")
-    print("| variant | tokens/s | step ms | model TFLOP/s | MFU | peak mem GiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"device: {name}; datasheet peak {datasheet or 'unknown'} TFLOP/s (dense bf16); measured "
+          f"{str(peak_dtype).split('.')[-1]} matmul rate {measured:.2f} TFLOP/s; {dtype_name}, batch {args.batch}, "
+          f"T {T}, d {cfg.d_model}, L {cfg.n_layer}, compile={args.compile}\n")
+    print("| variant | tokens/s | step ms | model TFLOP/s | MFU (datasheet) | fraction of measured matmul "
+          "| peak mem GiB |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for v in filter(None, args.variants.split(",")):
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
         vcfg = dataclasses.replace(cfg, **VARIANTS[v])
         r = bench_model(vcfg, args.batch, T, dtype, device, args.steps, args.warmup, args.compile)
-        r |= {"variant": v, "mfu": r["tflops"] / peak, "peak_matmul_tflops": peak, "device": name, "dtype": dtype_name}
+        r |= {"variant": v, "mfu": r["tflops"] / datasheet if datasheet else None, "datasheet_tflops": datasheet,
+              "matmul_fraction": r["tflops"] / measured, "measured_matmul_tflops": measured,
+              "device": name, "dtype": dtype_name}
         rows.append(r)
         mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
-        print(f"| {v} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.3f} | {r['mfu']:.3f} | {mem} |",
-              flush=True)
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        print(f"| {v} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.3f} | {mfu} | "
+              f"{r['matmul_fraction']:.3f} | {mem} |", flush=True)
     if len(rows) > 1 and rows[0]["variant"] == "fast" and any(r["variant"] == "authors" for r in rows):
         authors = next(r for r in rows if r["variant"] == "authors")
         print(f"\nfast / authors speed-up: {rows[0]['tokens_per_s'] / authors['tokens_per_s']:.2f}x")
@@ -153,12 +167,12 @@ def run(args: argparse.Namespace) -> int:
               f"{r['eval_tokens_per_s']:,.0f} tokens/s; naive per-window loop {r['naive_tokens_per_s']:,.0f} "
               f"tokens/s; speed-up {r['speedup']:.2f}x; loss {r['loss']:.6f} vs {r['naive_loss']:.6f}")
     if args.train:
-        from cratelm.train import bench as train_bench
+        from cratelm.bench import train as train_bench
 
         print("\nthe full `cratelm train` step (DeepSpeed engine) against the same model in a plain loop:")
         train_bench.main([f"--arch={cfg.arch}", f"--d-model={cfg.d_model}", f"--n-layer={cfg.n_layer}",
                           f"--n-head={cfg.n_head}", f"--vocab-size={cfg.vocab_size}", f"--context={T}",
                           f"--micro-batch={args.batch}", f"--steps={args.steps + args.warmup}",
                           f"--warmup={args.warmup}", "--zero-stage=1", f"--precision={dtype_name}",
-                          f"--peak-tflops={peak}", *(["--compile"] if args.compile else [])])
+                          f"--peak-tflops={datasheet or 'measured'}", *(["--compile"] if args.compile else [])])
     return 0
