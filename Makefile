@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # TORCH_SPEC to the CUDA build you want, e.g. `make demo TORCH_SPEC=torch==2.11.0`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-gpu demo compare bench clean
+.PHONY: setup test test-gpu demo compare bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ compare: setup
 
 bench: setup
 	$(PY) -m cratelm bench --config configs/model/crate-gpt2-base.yaml
+
+# One GPU, <= 8 minutes, one report (OUT/report.json + report.md; OUT defaults to gpu-check).
+# Runs with the machine's own python3 and torch (no venv, nothing downloaded); PY=... picks
+# another interpreter, WHEELS=dir installs deepspeed from local wheels first, DRY_RUN=1 only
+# checks on a CPU that every command parses.
+gpu-check: PY := python3
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) scripts/gpu_check.py --python $(PY) \
+		--out $(or $(OUT),gpu-check) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf $(VENV) demo compare

@@ -55,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=12, help="H; the ISTA width defaults to heads * head-dim")
     parser.add_argument("--batch", type=int, default=None, help="B for attention (default 8 on cuda, 1 on cpu)")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="bench full attention")
-    parser.add_argument("--backends", default="triton,sdpa,flash,reference", help="attention backends")
+    parser.add_argument("--backends", default="triton,sdpa,flash,reference",
+                        help="attention backends; sdpa:flash, sdpa:efficient, sdpa:cudnn, sdpa:math pin one SDPA kernel")
+    parser.add_argument("--layout", choices=["bhtp", "bthp"], default="bhtp",
+                        help="bthp: heads as the model makes them, a (B, T, H, p) tensor viewed as (B, H, T, p)")
     parser.add_argument("--ista-impls", default="torch,authors,fused,triton,compile")
     parser.add_argument("--ista-tokens", type=int, default=None, help="N = B*T for ISTA (default 16384 cuda, 2048 cpu)")
     parser.add_argument("--overcomplete", type=int, default=4, help="m / d for the overcomplete ISTA rows")
@@ -177,8 +180,38 @@ def _triton_usable(device: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- the three tables
+def _attention_error(fn, w: torch.Tensor, causal: bool) -> str:
+    """Relative L2 error of output and dW against fp32 reference attention (the same inputs)."""
+    from cratelm.kernels import reference
+
+    x = w.detach().requires_grad_()
+    out = fn(x)
+    dy = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, dy)
+    x32 = w.detach().float().requires_grad_()
+    ref = reference.attention(x32, causal=causal)
+    (g32,) = torch.autograd.grad(ref, x32, dy.float())
+    rel = lambda a, b: float((a.detach().float() - b.detach()).norm() / b.detach().norm())  # noqa: E731
+    return f"{rel(out, ref):.1e} / {rel(gx, g32):.1e}"
+
+
+def _sdpa_pinned(kernel: str, causal: bool) -> Callable:
+    """sdpa on q = k = v restricted to one of torch's SDPA kernels (flash, efficient, cudnn, math)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[kernel]
+
+    def fn(w):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(w, w, w, is_causal=causal)
+    return fn
+
+
 def bench_attention(args: argparse.Namespace) -> str:
-    from cratelm.kernels import attention, get_backend
+    """One table per T; with ``--layout bthp`` the heads are the model's view, a (B, T, H, p)
+    tensor transposed to (B, H, T, p); ``sdpa:KERNEL`` rows pin one SDPA kernel."""
+    from cratelm.kernels import get_backend, resolve_attention
 
     dev, dt = args.device, args.dtype_t
     B, H, p = args.batch, args.heads, args.head_dim
@@ -186,21 +219,32 @@ def bench_attention(args: argparse.Namespace) -> str:
     for T in [int(t) for t in args.seq_lens.split(",")]:
         rows = []
         flops = 4 * B * H * T * T * p * (0.5 if args.causal else 1.0)
-        for backend in args.backends.split(","):
+        for backend in filter(None, args.backends.split(",")):
             why = _triton_usable(dev) if backend == "triton" else None
-            if why is None and backend != "triton":
+            if why is None and backend != "triton" and not backend.startswith("sdpa:"):
                 try:
                     get_backend(backend)
                 except RuntimeError:
                     why = "not installed"
             if why:
-                rows.append([backend, f"skipped: {why}", "", "", "", ""])
+                rows.append([backend, f"skipped: {why}", "", "", "", "", ""])
                 continue
-            w = torch.randn(B, H, T, p, device=dev, dtype=dt, requires_grad=True)
-            fn = lambda w=w, backend=backend: attention(w, backend=backend, causal=args.causal)  # noqa: E731
-            rows.append(_measure(backend, fn, [w], flops, 3.5, dev, args.warmup, args.reps))
+            if backend.startswith("sdpa:"):
+                attend = _sdpa_pinned(backend[5:], args.causal)
+            else:
+                attend = lambda x, f=resolve_attention(backend): f(x, causal=args.causal)  # noqa: E731
+            shape = (B, T, H, p) if args.layout == "bthp" else (B, H, T, p)
+            w = torch.randn(shape, device=dev, dtype=dt)
+            w = (w.transpose(1, 2) if args.layout == "bthp" else w).requires_grad_()
+            row = _measure(backend, lambda w=w, attend=attend: attend(w), [w], flops, 3.5, dev, args.warmup, args.reps)
+            try:
+                row.append(_attention_error(attend, w, args.causal) if len(row[1]) < 20 else "")
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot run here already said why
+                row.append(f"n/a: {type(e).__name__}")
+            rows.append(row)
         out.append(_table(f"attention, {'causal' if args.causal else 'full'}, B={B} H={H} T={T} p={p}, "
-                          f"{args.dtype} on {dev}", HEADER, rows))
+                          f"layout {args.layout}, {args.dtype} on {dev}", HEADER + ["rel. err out / dW vs fp32"],
+                          rows))
     return "\n".join(out)
 
 

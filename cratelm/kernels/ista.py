@@ -34,6 +34,7 @@ with a Triton GEMM whose epilogue applies the shrink/ReLU; "compile" torch.compi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -86,7 +87,7 @@ if triton is not None:
             for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8),
                                      (128, 128, 32, 4, 4), (64, 256, 32, 4, 4), (128, 64, 32, 4, 4),
                                      (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
-        ]
+        ][:int(os.environ.get("CRATELM_AUTOTUNE_CONFIGS", "0")) or None]   # first N only, when set
 
     @triton.autotune(configs=_MM_CONFIGS, key=["M", "N", "K", "HAS_X", "RELU"])
     @triton.jit

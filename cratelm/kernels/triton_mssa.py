@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton.jit at import, as here
+DELTA_BLOCK = 32 if INTERPRET else 64
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -79,15 +80,19 @@ HOPPER_FWD_CONFIGS = [
                          (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 4), (64, 64, 4, 4)]
 ]
 HOPPER_BWD_CONFIGS = [
-    triton.Config({"BLOCK": b, "BLOCK_IN": bi}, num_warps=w, num_stages=s)
-    for b, bi, w, s in [(128, 32, 8, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3),
-                        (64, 64, 4, 3), (64, 32, 4, 4), (128, 16, 4, 4)]
+    triton.Config({"BLOCK": b, "BLOCK_IN": bi}, num_warps=w, num_stages=s, maxnreg=r)
+    for b, bi, w, s, r in [(128, 32, 8, 3, None), (128, 32, 4, 4, None), (128, 64, 8, 3, None),
+                           (64, 32, 4, 3, None), (64, 64, 4, 3, None), (64, 32, 4, 4, None),
+                           (128, 16, 4, 4, None),
+                           # 128 registers per thread: 2 CTAs per SM instead of 1 (a few bytes spill)
+                           (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)]
 ]
 if INTERPRET:  # the numpy interpreter: one small config keeps the CPU tests fast
     _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     _BWD_CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_IN": 16}, num_warps=4, num_stages=1)]
-else:
-    _FWD_CONFIGS, _BWD_CONFIGS = HOPPER_FWD_CONFIGS, HOPPER_BWD_CONFIGS
+else:  # CRATELM_AUTOTUNE_CONFIGS=N keeps the first N configs (a quick check, e.g. make gpu-check)
+    _n = int(os.environ.get("CRATELM_AUTOTUNE_CONFIGS", "0")) or None
+    _FWD_CONFIGS, _BWD_CONFIGS = HOPPER_FWD_CONFIGS[:_n], HOPPER_BWD_CONFIGS[:_n]
 
 
 @triton.jit
@@ -321,14 +326,40 @@ def _p_pad(p: int) -> int:
     return max(16, triton.next_power_of_2(p))
 
 
-def _forward(w: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fwd_launch(w: torch.Tensor, causal: bool) -> tuple[tuple, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The forward kernel's launch arguments for ``w`` (the AOT compile test builds its
+    specialisation from these too): (args, constexpr kwargs, (o, lse))."""
     B, H, T, p = w.shape
     o = torch.empty_like(w)  # keeps w's layout when dense, e.g. a (B, T, H, p) transpose
     lse = torch.empty(B * H, T, dtype=torch.float32, device=w.device)
+    args = (w, o, lse, *w.stride()[:3], *o.stride()[:3], H, T, LOG2E / math.sqrt(p))
+    return args, dict(P=p, P_PAD=_p_pad(p), CAUSAL=causal, PREC=_precision(w.dtype)), (o, lse)
+
+
+def _forward(w: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, p = w.shape
+    args, kw, (o, lse) = fwd_launch(w, causal)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](w, o, lse, *w.stride()[:3], *o.stride()[:3], H, T, LOG2E / math.sqrt(p),
-                      P=p, P_PAD=_p_pad(p), CAUSAL=causal, PREC=_precision(w.dtype))
+    _fwd_kernel[grid](*args, **kw)
     return o, lse
+
+
+def delta_launch(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> tuple[tuple, dict, torch.Tensor]:
+    """The delta kernel's launch arguments: (args, constexpr kwargs, delta)."""
+    B, H, T, p = o.shape
+    delta = torch.empty_like(lse)
+    args = (o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T)
+    return args, dict(P=p, P_PAD=_p_pad(p), BLOCK=DELTA_BLOCK), delta
+
+
+def bwd_launch(w: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+               causal: bool) -> tuple[tuple, dict, torch.Tensor]:
+    """The backward kernel's launch arguments: (args, constexpr kwargs, dw)."""
+    B, H, T, p = w.shape
+    dw = torch.empty_like(w)
+    args = (w, do, dw, lse, delta, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3],
+            H, T, LOG2E / math.sqrt(p), 1.0 / math.sqrt(p))
+    return args, dict(P=p, P_PAD=_p_pad(p), CAUSAL=causal, PREC=_precision(w.dtype)), dw
 
 
 def _backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
@@ -336,15 +367,11 @@ def _backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Ten
     B, H, T, p = w.shape
     do = do.to(w.dtype)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = torch.empty_like(lse)
-    blk = 32 if INTERPRET else 64
-    _delta_kernel[(triton.cdiv(T, blk), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
-                                                P=p, P_PAD=_p_pad(p), BLOCK=blk)
-    dw = torch.empty_like(w)
+    args, kw, delta = delta_launch(o, do, lse)
+    _delta_kernel[(triton.cdiv(T, DELTA_BLOCK), B * H)](*args, **kw)
+    args, kw, dw = bwd_launch(w, do, lse, delta, causal)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)  # noqa: E731
-    _bwd_kernel[grid](w, do, dw, lse, delta, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3],
-                      H, T, LOG2E / math.sqrt(p), 1.0 / math.sqrt(p),
-                      P=p, P_PAD=_p_pad(p), CAUSAL=causal, PREC=_precision(w.dtype))
+    _bwd_kernel[grid](*args, **kw)
     return dw
 
 

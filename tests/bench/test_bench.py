@@ -40,8 +40,8 @@ def test_the_triton_variant_runs_the_triton_kernels():
 
 
 def test_bench_kernels_prints_every_table(capsys):
-    assert main(["bench-kernels", "--device", "cpu", "--seq-lens", "32", "--heads", "2", "--head-dim", "16",
-                 "--batch", "1", "--backends", "sdpa,reference", "--ista-impls", "torch,authors,fused",
+    assert main(["bench-kernels", "--device", "cpu", "--seq-lens", "32", "--heads", "2", "--head-dim", "16", "--layout", "bthp",
+                 "--batch", "1", "--backends", "sdpa,sdpa:math,reference", "--ista-impls", "torch,authors,fused",
                  "--ista-tokens", "64", "--loss-tokens", "64", "--vocab", "128", "--width", "32",
                  "--loss-impls", "plain,chunked", "--loss-chunk-rows", "16", "--warmup", "0", "--reps", "1"]) == 0
     text = capsys.readouterr().out

@@ -26,6 +26,6 @@ def compile_for_hopper():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
         res = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=900)
         assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
     return run
