@@ -52,7 +52,7 @@ def steps(py: str) -> list[Step]:
         Step("attention at the model's shape and layout (B 16, T 1024, 12 heads of 64, bf16)",
              [*m, "bench-kernels", "--what", "attention", "--layout", "bthp", "--batch", "16", "--heads", "12",
               "--head-dim", "64", "--seq-lens", "1024", "--dtype", "bf16",
-              "--backends", "triton,sdpa,sdpa:flash,sdpa:efficient,sdpa:cudnn,flash"], 60),
+              "--backends", "triton,triton-bwd5,sdpa,sdpa:flash,sdpa:efficient,sdpa:cudnn,flash"], 75),
         Step("cratelm bench crate-gpt2-base bf16 micro-batch 16, eager",
              [*m, "bench", "--config", BASE, "--batch", "16", "--dtype", "bf16", "--steps", "6", "--warmup", "2",
               "--variants", "fast,triton,authors,gpt2"], 90),

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="B for attention (default 8 on cuda, 1 on cpu)")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="bench full attention")
     parser.add_argument("--backends", default="triton,sdpa,flash,reference",
-                        help="attention backends; sdpa:flash, sdpa:efficient, sdpa:cudnn, sdpa:math pin one SDPA kernel")
+                        help="attention backends; sdpa:flash, sdpa:efficient, sdpa:cudnn, sdpa:math pin one SDPA kernel; "
+                             "triton-bwd5 is triton with the 5-product backward")
     parser.add_argument("--layout", choices=["bhtp", "bthp"], default="bhtp",
                         help="bthp: heads as the model makes them, a (B, T, H, p) tensor viewed as (B, H, T, p)")
     parser.add_argument("--ista-impls", default="torch,authors,fused,triton,compile")
@@ -220,8 +221,8 @@ def bench_attention(args: argparse.Namespace) -> str:
         rows = []
         flops = 4 * B * H * T * T * p * (0.5 if args.causal else 1.0)
         for backend in filter(None, args.backends.split(",")):
-            why = _triton_usable(dev) if backend == "triton" else None
-            if why is None and backend != "triton" and not backend.startswith("sdpa:"):
+            why = _triton_usable(dev) if backend.startswith("triton") else None
+            if why is None and not backend.startswith(("triton", "sdpa:")):
                 try:
                     get_backend(backend)
                 except RuntimeError:
@@ -231,6 +232,9 @@ def bench_attention(args: argparse.Namespace) -> str:
                 continue
             if backend.startswith("sdpa:"):
                 attend = _sdpa_pinned(backend[5:], args.causal)
+            elif backend == "triton-bwd5":   # the selectable 5-product backward (cratelm.kernels.triton_bwd5)
+                from cratelm.kernels import triton_mssa
+                attend = lambda x: triton_mssa.attention(x, args.causal, backward="5")  # noqa: E731
             else:
                 attend = lambda x, f=resolve_attention(backend): f(x, causal=args.causal)  # noqa: E731
             shape = (B, T, H, p) if args.layout == "bthp" else (B, H, T, p)

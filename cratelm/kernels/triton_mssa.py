@@ -1,8 +1,7 @@
 """Tied-QKV flash attention for CRATE's MSSA, written in Triton.
 
-Shape legend: B batch, H heads, T tokens, p head width (any p <= 128; tested 32, 64, 80,
-128). Inside the kernels p is padded to P_PAD = next power of two (>= 16) with masked loads
-and stores. BLOCK_* are tile heights in tokens.
+Shape legend: B batch, H heads, T tokens, p head width (any p <= 128; tested 32, 64, 80, 128),
+padded inside the kernels to P_PAD = next power of two (>= 16). BLOCK_* are tile heights.
 
 MSSA uses ONE tensor W (B, H, T, p) as query, key and value:
 
@@ -35,6 +34,7 @@ fp32 inputs use tf32 dots unless torch.get_float32_matmul_precision() is "highes
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -49,12 +49,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def patch_interpreter() -> None:
-    """Make triton 3.6's interpreter work with numpy >= 2.4 (no-op off the interpreter).
-
-    The interpreter turns a scalar tensor into an int with ``int(array_of_shape_1)``, which
-    numpy 2.4 rejects, so any loop bound computed from ``tl.program_id`` fails under
-    TRITON_INTERPRET=1. We re-patch that one conversion to take the single element.
-    """
+    """Make triton 3.6's interpreter work with numpy >= 2.4 (no-op off the interpreter): it
+    turns a scalar tensor into an int with ``int(array_of_shape_1)``, which numpy 2.4 rejects,
+    so any loop bound computed from ``tl.program_id`` fails under TRITON_INTERPRET=1. We
+    re-patch that one conversion to take the single element."""
     if not INTERPRET:
         return
     from triton.runtime import interpreter as itp
@@ -81,11 +79,9 @@ HOPPER_FWD_CONFIGS = [
 ]
 HOPPER_BWD_CONFIGS = [
     triton.Config({"BLOCK": b, "BLOCK_IN": bi}, num_warps=w, num_stages=s, maxnreg=r)
-    for b, bi, w, s, r in [(128, 32, 8, 3, None), (128, 32, 4, 4, None), (128, 64, 8, 3, None),
-                           (64, 32, 4, 3, None), (64, 64, 4, 3, None), (64, 32, 4, 4, None),
-                           (128, 16, 4, 4, None),
-                           # 128 registers per thread: 2 CTAs per SM instead of 1 (a few bytes spill)
-                           (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)]
+    for b, bi, w, s, r in [(128, 32, 8, 3, None), (128, 32, 4, 4, None), (128, 64, 8, 3, None), (64, 32, 4, 3, None),
+                           (64, 64, 4, 3, None), (64, 32, 4, 4, None), (128, 16, 4, 4, None),
+                           (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)]   # maxnreg 128: 2 CTAs/SM, a few bytes spill
 ]
 if INTERPRET:  # the numpy interpreter: one small config keeps the CPU tests fast
     _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -327,8 +323,7 @@ def _p_pad(p: int) -> int:
 
 
 def fwd_launch(w: torch.Tensor, causal: bool) -> tuple[tuple, dict, tuple[torch.Tensor, torch.Tensor]]:
-    """The forward kernel's launch arguments for ``w`` (the AOT compile test builds its
-    specialisation from these too): (args, constexpr kwargs, (o, lse))."""
+    """Forward launch arguments (args, constexprs, (o, lse)); the AOT test compiles from them too."""
     B, H, T, p = w.shape
     o = torch.empty_like(w)  # keeps w's layout when dense, e.g. a (B, T, H, p) transpose
     lse = torch.empty(B * H, T, dtype=torch.float32, device=w.device)
@@ -346,29 +341,31 @@ def _forward(w: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 def delta_launch(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> tuple[tuple, dict, torch.Tensor]:
     """The delta kernel's launch arguments: (args, constexpr kwargs, delta)."""
-    B, H, T, p = o.shape
+    p = o.shape[-1]
     delta = torch.empty_like(lse)
-    args = (o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T)
+    args = (o, do, delta, *o.stride()[:3], *do.stride()[:3], o.shape[1], o.shape[2])
     return args, dict(P=p, P_PAD=_p_pad(p), BLOCK=DELTA_BLOCK), delta
 
 
 def bwd_launch(w: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
                causal: bool) -> tuple[tuple, dict, torch.Tensor]:
     """The backward kernel's launch arguments: (args, constexpr kwargs, dw)."""
-    B, H, T, p = w.shape
+    _, H, T, p = w.shape
     dw = torch.empty_like(w)
-    args = (w, do, dw, lse, delta, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3],
-            H, T, LOG2E / math.sqrt(p), 1.0 / math.sqrt(p))
+    args = (w, do, dw, lse, delta, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3], H, T,
+            LOG2E / math.sqrt(p), 1.0 / math.sqrt(p))
     return args, dict(P=p, P_PAD=_p_pad(p), CAUSAL=causal, PREC=_precision(w.dtype)), dw
 
 
 def _backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-              causal: bool) -> torch.Tensor:
+              causal: bool, backward: str = "7") -> torch.Tensor:
     B, H, T, p = w.shape
     do = do.to(w.dtype)
     do = do if do.stride(-1) == 1 else do.contiguous()
     args, kw, delta = delta_launch(o, do, lse)
     _delta_kernel[(triton.cdiv(T, DELTA_BLOCK), B * H)](*args, **kw)
+    if backward == "5":   # FlashAttention-2's 5 products, atomics into fp32 (cratelm.kernels.triton_bwd5)
+        return importlib.import_module("cratelm.kernels.triton_bwd5").backward5(w, do, lse, delta, causal)
     args, kw, dw = bwd_launch(w, do, lse, delta, causal)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)  # noqa: E731
     _bwd_kernel[grid](*args, **kw)
@@ -379,24 +376,25 @@ class TiedFlashAttention(torch.autograd.Function):
     """O = softmax(W W^T / sqrt(p), causal) W with W (B, H, T, p); one gradient dW."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, causal: bool, backward: str = "7") -> torch.Tensor:
         w = _check(w)
-        if w.shape[2] == 0 or w.numel() == 0:
-            ctx.causal, ctx.empty = causal, True
+        ctx.causal, ctx.backward, ctx.empty = causal, backward, w.shape[2] == 0 or w.numel() == 0
+        if ctx.empty:
             return w.clone()
         o, lse = _forward(w, causal)
         ctx.save_for_backward(w, o, lse)
-        ctx.causal, ctx.empty = causal, False
         return o
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if ctx.empty:
-            return torch.zeros_like(do), None
-        w, o, lse = ctx.saved_tensors
-        return _backward(w, o, lse, do, ctx.causal), None
+            return torch.zeros_like(do), None, None
+        return _backward(*ctx.saved_tensors, do, ctx.causal, ctx.backward), None, None
 
 
-def attention(w: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Softmax attention with ``w`` (B, H, T, p) as query, key and value; returns (B, H, T, p)."""
-    return TiedFlashAttention.apply(w, causal)
+def attention(w: torch.Tensor, causal: bool = True, backward: str = "7") -> torch.Tensor:
+    """Softmax attention with ``w`` (B, H, T, p) as query, key and value; returns (B, H, T, p).
+    ``backward``: "7" (default, deterministic) or "5" (cratelm.kernels.triton_bwd5)."""
+    if backward not in ("7", "5"):
+        raise ValueError(f"triton attention: backward={backward!r}; choose '7' or '5'")
+    return TiedFlashAttention.apply(w, causal, backward)
