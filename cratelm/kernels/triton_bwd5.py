@@ -28,13 +28,13 @@ import triton.language as tl
 from cratelm.kernels.triton_mssa import INTERPRET, LOG2E, _load_rows, _p_pad, _precision
 
 if INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_IN": 16}, num_warps=4, num_stages=1)]
+    CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_IN": 16}, num_warps=4, num_stages=1)]
 else:
-    _CONFIGS = [triton.Config({"BLOCK": b, "BLOCK_IN": bi}, num_warps=w, num_stages=s)
+    CONFIGS = [triton.Config({"BLOCK": b, "BLOCK_IN": bi}, num_warps=w, num_stages=s)
                 for b, bi, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]]
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "P_PAD", "CAUSAL"], reset_to_zero=["DW32"])
+@triton.autotune(configs=CONFIGS, key=["T", "P_PAD", "CAUSAL"], reset_to_zero=["DW32"])
 @triton.jit
 def _bwd5_kernel(W, DO, DW32, LSE, DELTA, stride_wb, stride_wh, stride_wt, stride_db, stride_dh, stride_dt,
                  H, T, qk_scale, sm_scale, P: tl.constexpr, P_PAD: tl.constexpr, CAUSAL: tl.constexpr,
@@ -75,13 +75,21 @@ def _bwd5_kernel(W, DO, DW32, LSE, DELTA, stride_wb, stride_wh, stride_wt, strid
                   mask=(offs_r[:, None] < T) & (offs_d[None, :] < P))
 
 
+def bwd5_launch(w: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                causal: bool) -> tuple[tuple, dict, torch.Tensor]:
+    """Launch arguments (args, constexpr kwargs, the zeroed fp32 dW buffer (B*H, T, p))."""
+    B, H, T, p = w.shape
+    dw32 = torch.zeros(B * H, T, p, dtype=torch.float32, device=w.device)
+    args = (w, do, dw32, lse, delta, *w.stride()[:3], *do.stride()[:3], H, T,
+            LOG2E / math.sqrt(p), 1.0 / math.sqrt(p))
+    return args, dict(P=p, P_PAD=_p_pad(p), CAUSAL=causal, PREC=_precision(w.dtype)), dw32
+
+
 def backward5(w: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
               causal: bool) -> torch.Tensor:
     """dW from the saved log-sum-exp and delta (see the module doc)."""
     B, H, T, p = w.shape
-    dw32 = torch.zeros(B * H, T, p, dtype=torch.float32, device=w.device)
+    args, kw, dw32 = bwd5_launch(w, do, lse, delta, causal)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)  # noqa: E731
-    _bwd5_kernel[grid](w, do, dw32, lse, delta, *w.stride()[:3], *do.stride()[:3], H, T,
-                       LOG2E / math.sqrt(p), 1.0 / math.sqrt(p), P=p, P_PAD=_p_pad(p), CAUSAL=causal,
-                       PREC=_precision(w.dtype))
+    _bwd5_kernel[grid](*args, **kw)
     return dw32.view(B, H, T, p).to(w.dtype)

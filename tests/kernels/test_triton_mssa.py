@@ -132,6 +132,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 from cratelm.kernels import triton_mssa as tm
+from cratelm.kernels import triton_bwd5 as bwd5
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
@@ -154,9 +155,11 @@ def jobs_for(dt, p, which):
     fargs, fkw, (o, lse) = tm.fwd_launch(w, True)
     dargs, dkw, delta = tm.delta_launch(o, do, lse)
     bargs, bkw, _ = tm.bwd_launch(w, do, lse, delta, True)
+    b5args, b5kw, _ = bwd5.bwd5_launch(w, do, lse, delta, True)
     n = None if which == "all" else 1
     return ([("fwd", tm._fwd_kernel, fargs, fkw, c) for c in tm.HOPPER_FWD_CONFIGS[:n]]
             + [("bwd", tm._bwd_kernel, bargs, bkw, c) for c in tm.HOPPER_BWD_CONFIGS[:n]]
+            + [("bwd5", bwd5._bwd5_kernel, b5args, b5kw, c) for c in bwd5.CONFIGS[:1]]
             + [("delta", tm._delta_kernel, dargs, dkw, triton.Config({}, num_warps=4))])
 
 def check(job):
