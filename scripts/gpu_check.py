@@ -46,7 +46,8 @@ def steps(py: str) -> list[Step]:
                                    "triton.__version__, 'cuda', torch.version.cuda); "
                                    "print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"],
              30, dry=["-c", "import torch"]),
-        Step("pytest -m cuda (autotuning trimmed to 2 configs)", ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
+        Step("pytest -m cuda (autotuning trimmed to 2 configs)",
+             ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
              120, dry=["-m", "pytest", "-q", "-m", "cuda", "--collect-only", "-p", "no:cacheprovider"],
              env={"CRATELM_AUTOTUNE_CONFIGS": "2"}),
         Step("attention at the model's shape and layout (B 16, T 1024, 12 heads of 64, bf16)",
@@ -64,7 +65,8 @@ def steps(py: str) -> list[Step]:
               "--variants", "fast", "--train"], 60, needs="deepspeed"),
         Step("LM-head loss: chunk-size sweep (N 16384, d 768, V 50304, bf16)",
              [*m, "bench-kernels", "--what", "loss", "--dtype", "bf16", "--loss-tokens", "16384", "--width", "768",
-              "--vocab", "50304", "--loss-impls", "plain,chunked,liger", "--loss-chunk-rows", "512,1024,2048,4096,8192"],
+              "--vocab", "50304", "--loss-impls", "plain,chunked,liger",
+              "--loss-chunk-rows", "512,1024,2048,4096,8192"],
              40),
     ]
 
@@ -130,7 +132,8 @@ def markdown(records: list[dict], dry: bool) -> str:
              "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['name']} | {r['status']} | {r['seconds']} |" for r in records]
     for r in records:
-        lines += ["", f"## {r['name']}", "", f"`{r['command']}` — {r['status']}", "", "```", r["output"].rstrip(), "```"]
+        lines += ["", f"## {r['name']}", "", f"`{r['command']}` — {r['status']}", "",
+                  "```", r["output"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="B for attention (default 8 on cuda, 1 on cpu)")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="bench full attention")
     parser.add_argument("--backends", default="triton,sdpa,flash,reference",
-                        help="attention backends; sdpa:flash, sdpa:efficient, sdpa:cudnn, sdpa:math pin one SDPA kernel; "
+                        help="attention backends; sdpa:flash, sdpa:efficient, sdpa:cudnn, sdpa:math pin one "
+                             "SDPA kernel; "
                              "triton-bwd5 is triton with the 5-product backward")
     parser.add_argument("--layout", choices=["bhtp", "bthp"], default="bhtp",
                         help="bthp: heads as the model makes them, a (B, T, H, p) tensor viewed as (B, H, T, p)")

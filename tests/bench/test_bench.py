@@ -30,7 +30,8 @@ def test_bench_model_reports_datasheet_mfu_and_matmul_fraction_apart(tmp_path, c
         assert r["mfu"] is None and r["datasheet_tflops"] is None
         assert r["matmul_fraction"] == pytest.approx(r["tflops"] / r["measured_matmul_tflops"])
     assert main(["bench", *TINY, "--variants", "fast", "--dtype", "fp32", "--batch", "2", "--steps", "1",
-                 "--warmup", "0", "--device", "cpu", "--matmul-n", "256", "--peak-tflops", "2.0", "--json", str(out)]) == 0
+                 "--warmup", "0", "--device", "cpu", "--matmul-n", "256", "--peak-tflops", "2.0",
+                 "--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())
     assert r["mfu"] == pytest.approx(r["tflops"] / 2.0)
 
@@ -40,7 +41,8 @@ def test_the_triton_variant_runs_the_triton_kernels():
 
 
 def test_bench_kernels_prints_every_table(capsys):
-    assert main(["bench-kernels", "--device", "cpu", "--seq-lens", "32", "--heads", "2", "--head-dim", "16", "--layout", "bthp",
+    assert main(["bench-kernels", "--device", "cpu", "--seq-lens", "32", "--heads", "2", "--head-dim", "16",
+                 "--layout", "bthp",
                  "--batch", "1", "--backends", "sdpa,sdpa:math,reference", "--ista-impls", "torch,authors,fused",
                  "--ista-tokens", "64", "--loss-tokens", "64", "--vocab", "128", "--width", "32",
                  "--loss-impls", "plain,chunked", "--loss-chunk-rows", "16", "--warmup", "0", "--reps", "1"]) == 0

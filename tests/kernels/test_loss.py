@@ -104,7 +104,7 @@ def test_bf16_fused_loss_matches_plain_on_gpu(impl):
 
 
 @pytest.mark.cuda
-def test_chunked_peak_memory_is_under_a_quarter_of_plain():
+def test_chunked_peak_memory_is_under_5_percent_of_plain():
     """At vocab 50304, N = 16384 rows, d = 768, bf16 (the GPT-2-size LM head)."""
     N, d, V_big = 16384, 768, 50304
     hidden = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -120,7 +120,7 @@ def test_chunked_peak_memory_is_under_a_quarter_of_plain():
         lm_head_loss(hidden, weight, targets, impl=impl).backward()
         torch.cuda.synchronize()
         peaks[impl] = torch.cuda.max_memory_allocated() - base
-    assert peaks["chunked"] * 4 <= peaks["plain"], peaks
+    assert peaks["chunked"] * 20 <= peaks["plain"], peaks
 
 
 @pytest.mark.parametrize("arch", ["crate-gpt", "crate-lm", "gpt2"])

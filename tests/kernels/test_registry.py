@@ -37,7 +37,8 @@ def test_every_attention_backend_is_a_module_or_says_why():
 def test_every_ista_name_dispatches_in_the_kernels(impl):
     """'authors' is dispatched by kernels/ista.py (model/ista.py only calls the equation)."""
     g = torch.Generator().manual_seed(0)
-    z, W, W4 = torch.randn(5, 16, generator=g), torch.randn(16, 16, generator=g) / 4, torch.randn(64, 16, generator=g) / 4
+    z, W = torch.randn(5, 16, generator=g), torch.randn(16, 16, generator=g) / 4
+    W4 = torch.randn(64, 16, generator=g) / 4
     want = ista_complete_authors(z.double(), W.double(), 0.1, 0.1)
     torch.testing.assert_close(ista_complete(z, W, 0.1, 0.1, impl=impl).double(), want, rtol=1e-4, atol=1e-5)
     want = ista_overcomplete(z.double(), W4.double(), 0.1, 0.1, 2, impl="torch")
