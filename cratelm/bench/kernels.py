@@ -234,8 +234,8 @@ def bench_attention(args: argparse.Namespace) -> str:
             if backend.startswith("sdpa:"):
                 attend = _sdpa_pinned(backend[5:], args.causal)
             elif backend == "triton-bwd5":   # the selectable 5-product backward (cratelm.kernels.triton_bwd5)
-                from cratelm.kernels import triton_mssa
-                attend = lambda x: triton_mssa.attention(x, args.causal, backward="5")  # noqa: E731
+                from cratelm.kernels import triton_bwd5
+                attend = lambda x: triton_bwd5.attention(x, args.causal)  # noqa: E731
             else:
                 attend = lambda x, f=resolve_attention(backend): f(x, causal=args.causal)  # noqa: E731
             shape = (B, T, H, p) if args.layout == "bthp" else (B, H, T, p)

@@ -57,9 +57,12 @@ def _fp32_matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = No
     if a.dtype not in _HALF:
         return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
     if a.device.type in ("cuda", "meta"):
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        try:
+            if acc is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without out_dtype: upcast
+            pass
     return torch.mm(a.float(), b.float()) if acc is None else acc.addmm_(a.float(), b.float())
 
 
@@ -68,7 +71,7 @@ def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor)
     """One fused pass over a chunk of logits (n, V): returns the per-row loss (fp32, 0 on
     ignored rows) and overwrites ``logits`` with softmax(logits) - onehot(targets) (0 on
     ignored rows), in the logits' dtype. ``targets`` must be in range on every row."""
-    if logits.is_cuda:
+    if logits.is_cuda and logits.dtype != torch.float64:
         from cratelm.kernels import loss_triton
         return loss_triton.xent_grad_(logits, targets, valid)
     return _xent_grad_torch(logits, targets, valid)

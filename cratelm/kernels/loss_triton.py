@@ -49,11 +49,9 @@ def _xent_grad_kernel(X, T, OK, LOSS, V, stride_x, BLOCK_V: tl.constexpr):
 
 def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """See ``cratelm.kernels.loss.xent_grad_``: per-row loss (fp32); logits become softmax - onehot."""
-    if logits.dtype == torch.float64:
-        from cratelm.kernels.loss import _xent_grad_torch
-        return _xent_grad_torch(logits, targets, valid)
-    if logits.stride(1) != 1:
-        raise ValueError(f"xent_grad_: logits need a unit column stride, got strides {logits.stride()}")
+    if logits.dtype == torch.float64 or logits.stride(1) != 1:
+        raise ValueError(f"xent_grad_: logits of fp16/bf16/fp32 with unit column stride, got {logits.dtype} "
+                         f"with strides {logits.stride()}")
     n, V = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:

@@ -13,7 +13,7 @@ one does FlashAttention-2's 5: one program per key block j loops over the query 
 
 then adds acc_j to its own rows of the buffer (atomically: other programs add query parts
 there) and the buffer is cast to W's dtype. Atomics make it non-deterministic in the last
-bits. Choose it with ``triton_mssa.attention(w, causal, backward="5")``; the default stays
+bits. Call ``cratelm.kernels.triton_bwd5.attention(w, causal)`` (the same forward); the default stays
 until a GPU measures both (make gpu-check: bench-kernels row ``triton-bwd5``).
 """
 
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cratelm.kernels.triton_mssa import INTERPRET, LOG2E, _load_rows, _p_pad, _precision
+from cratelm.kernels.triton_mssa import INTERPRET, LOG2E, TiedFlashAttention, _load_rows, _p_pad, _precision
 
 if INTERPRET:
     CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_IN": 16}, num_warps=4, num_stages=1)]
@@ -93,3 +93,8 @@ def backward5(w: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)  # noqa: E731
     _bwd5_kernel[grid](*args, **kw)
     return dw32.view(B, H, T, p).to(w.dtype)
+
+
+def attention(w: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """triton_mssa.attention with this module's 5-product backward."""
+    return TiedFlashAttention.apply(w, causal, backward5)

@@ -34,9 +34,9 @@ fp32 inputs use tf32 dots unless torch.get_float32_matmul_precision() is "highes
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -358,14 +358,14 @@ def bwd_launch(w: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torc
 
 
 def _backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-              causal: bool, backward: str = "7") -> torch.Tensor:
+              causal: bool, backward: Callable | None = None) -> torch.Tensor:
     B, H, T, p = w.shape
     do = do.to(w.dtype)
     do = do if do.stride(-1) == 1 else do.contiguous()
     args, kw, delta = delta_launch(o, do, lse)
     _delta_kernel[(triton.cdiv(T, DELTA_BLOCK), B * H)](*args, **kw)
-    if backward == "5":   # FlashAttention-2's 5 products, atomics into fp32 (cratelm.kernels.triton_bwd5)
-        return importlib.import_module("cratelm.kernels.triton_bwd5").backward5(w, do, lse, delta, causal)
+    if backward is not None:   # another dW kernel, e.g. cratelm.kernels.triton_bwd5's 5-product one
+        return backward(w, do, lse, delta, causal)
     args, kw, dw = bwd_launch(w, do, lse, delta, causal)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * H)  # noqa: E731
     _bwd_kernel[grid](*args, **kw)
@@ -376,7 +376,7 @@ class TiedFlashAttention(torch.autograd.Function):
     """O = softmax(W W^T / sqrt(p), causal) W with W (B, H, T, p); one gradient dW."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, causal: bool, backward: str = "7") -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, causal: bool, backward: Callable | None = None) -> torch.Tensor:
         w = _check(w)
         ctx.causal, ctx.backward, ctx.empty = causal, backward, w.shape[2] == 0 or w.numel() == 0
         if ctx.empty:
@@ -392,9 +392,6 @@ class TiedFlashAttention(torch.autograd.Function):
         return _backward(*ctx.saved_tensors, do, ctx.causal, ctx.backward), None, None
 
 
-def attention(w: torch.Tensor, causal: bool = True, backward: str = "7") -> torch.Tensor:
-    """Softmax attention with ``w`` (B, H, T, p) as query, key and value; returns (B, H, T, p).
-    ``backward``: "7" (default, deterministic) or "5" (cratelm.kernels.triton_bwd5)."""
-    if backward not in ("7", "5"):
-        raise ValueError(f"triton attention: backward={backward!r}; choose '7' or '5'")
-    return TiedFlashAttention.apply(w, causal, backward)
+def attention(w: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Softmax attention with ``w`` (B, H, T, p) as query, key and value; returns (B, H, T, p)."""
+    return TiedFlashAttention.apply(w, causal, None)
