@@ -8,14 +8,17 @@ Windows. Corpus c with n tokens has n_c = (n - 1) // T windows; window j is
 tokens[j*T : j*T + T + 1] (x = the first T, y = the last T: targets shifted by one).
 Windows run across document boundaries (each document ends with EOS), as in GPT-2.
 
-Blending (as gpt-neox / Megatron). Without weights the corpora are concatenated, N = sum n_c.
-With weights w_c, N stays sum n_c and corpus c gets m_c = round(w_c N) of the N samples
-(largest remainders), interleaved evenly (sample k of corpus c sits at time (k + 1/2) / m_c).
-A corpus sampled more (less) than its size repeats (drops) windows chosen by a permutation
-seeded by (seed, c); the selection is fixed for a given seed.
+Blending. Without weights the corpora are concatenated, N = sum n_c. With weights w_c, N
+stays sum n_c and corpus c gets m_c = round(w_c N) of the N samples (largest remainders):
+blended samples [M_c, M_c + m_c) (M_c = m_0 + ... + m_{c-1}) are corpus c's, and its k-th is
+window k when m_c = n_c, else window P_c(k mod n_c) with P_c a seeded permutation of the
+corpus (`FeistelPermutation` keyed by (seed, c)): a corpus sampled more (less) than its size
+repeats (drops) windows, a fixed selection for a given seed. The blended samples are not
+interleaved here: the epoch shuffle below mixes them uniformly.
 
-Sample order. Global sample g is window perm_e[g mod N] with e = g // N and perm_e a
-permutation seeded by (seed, e): a new order every epoch, infinite. Optimizer step s takes
+Sample order. Global sample g is blended sample perm_e(g mod N) with e = g // N and perm_e a
+Feistel permutation of [0, N) keyed by (seed, e): a new order every epoch, infinite, computed
+index by index (no O(N) array on any rank; the same on every rank). Optimizer step s takes
 global samples [sG, (s+1)G); micro-step a on rank r takes sG + a(micro_batch dp_size)
 + r micro_batch + [0, micro_batch). The sampler's whole state is ``consumed_samples`` (global
 samples of completed micro-steps), so a resumed run, with any dp_size that keeps the micro-step
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cratelm.data.indexed import IndexedTokens
+from cratelm.data.sampling import FeistelPermutation, derive_key
 
 if TYPE_CHECKING:
     import torch
@@ -65,11 +69,10 @@ class TokenWindows:
                                  f"seq_len + 1 = {seq_len + 1}")
         self.num_windows = int(self.sizes.sum())
         self.weights = None if weights is None or len(weights) == 0 else self._normalized(weights)  # [] = sizes
-        self._corpus_of: np.ndarray | None = None     # blended: corpus of each sample
-        self._window_of: np.ndarray | None = None     # blended: window (in its corpus) of each sample
-        self._starts = np.concatenate([[0], np.cumsum(self.sizes)])
-        if self.weights is not None:
-            self._build_blend()
+        self.samples = self.sizes if self.weights is None else self._blend_counts(self.weights)
+        self._starts = np.concatenate([[0], np.cumsum(self.samples)])
+        self._select = [None if m == n else FeistelPermutation(int(n), derive_key(seed, c, 0xB1E4D))
+                        for c, (m, n) in enumerate(zip(self.samples, self.sizes))]
 
     def _normalized(self, weights: list[float]) -> np.ndarray:
         w = np.asarray(weights, np.float64)
@@ -79,43 +82,33 @@ class TokenWindows:
             raise ValueError(f"TokenWindows: weights={list(weights)} must be finite, >= 0, and not all 0")
         return w / w.sum()
 
-    def _build_blend(self) -> None:
-        assert self.weights is not None
-        n = self.num_windows
-        raw = self.weights * n
+    def _blend_counts(self, weights: np.ndarray) -> np.ndarray:
+        """m_c = round(w_c N) samples per corpus, by largest remainders (they sum to N)."""
+        raw = weights * self.num_windows
         counts = np.floor(raw).astype(np.int64)
-        short = n - int(counts.sum())
-        counts[np.argsort(-(raw - counts), kind="stable")[:short]] += 1   # largest remainders
-        labels = np.concatenate([np.full(m, c, np.int64) for c, m in enumerate(counts)])
-        times = np.concatenate([(np.arange(m) + 0.5) / m for m in counts if m] or [np.zeros(0)])
-        ranks = np.concatenate([np.arange(m) for m in counts])
-        order = np.lexsort((labels, times))                               # by time, then corpus
-        self._corpus_of = labels[order].astype(np.int32)
-        within = ranks[order]
-        window_of = np.empty(n, np.int64)
-        for c, (m, size) in enumerate(zip(counts, self.sizes)):
-            if m == 0:
-                continue
-            sel = self._corpus_of == c
-            if m == size:
-                window_of[sel] = within[sel]
-            else:   # repeat or drop windows, chosen by a seeded permutation of the corpus
-                perm = np.random.default_rng([self.seed, c]).permutation(size)
-                window_of[sel] = perm[within[sel] % size]
-        self._window_of = window_of
-        self.samples_per_corpus = counts
+        short = self.num_windows - int(counts.sum())
+        counts[np.argsort(-(raw - counts), kind="stable")[:short]] += 1
+        return counts
 
     def __len__(self) -> int:
         return self.num_windows
 
+    def locate_many(self, indices: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus, window within it) of blended samples ``indices`` (int64 arrays)."""
+        i = np.asarray(indices, dtype=np.int64)
+        if i.size and (i.min() < 0 or i.max() >= self.num_windows):
+            raise IndexError(f"window index out of range ({self.num_windows} windows)")
+        corpus = np.searchsorted(self._starts, i, side="right") - 1
+        window = i - self._starts[corpus]
+        for c, sel in enumerate(self._select):
+            if sel is not None and (mask := corpus == c).any():
+                window[mask] = sel(window[mask] % self.sizes[c])
+        return corpus, window
+
     def locate(self, i: int) -> tuple[int, int]:
         """(corpus, window within it) of sample ``i``."""
-        if not 0 <= i < self.num_windows:
-            raise IndexError(f"window {i} out of range ({self.num_windows} windows)")
-        if self._corpus_of is not None:
-            return int(self._corpus_of[i]), int(self._window_of[i])
-        c = int(np.searchsorted(self._starts, i, side="right") - 1)
-        return c, int(i - self._starts[c])
+        c, j = self.locate_many([int(i)])
+        return int(c[0]), int(j[0])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         c, j = self.locate(int(i))
@@ -125,14 +118,17 @@ class TokenWindows:
 
     def get_batch(self, indices: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Stacked windows: (x, y) int64 arrays of shape (len(indices), T)."""
-        rows = np.stack([np.asarray(self.corpora[c].tokens[j * self.seq_len: (j + 1) * self.seq_len + 1],
-                                    dtype=np.int64) for c, j in map(self.locate, map(int, indices))])
+        T = self.seq_len
+        corpus, window = self.locate_many(indices)
+        rows = np.empty((len(corpus), T + 1), np.int64)
+        for r, (c, j) in enumerate(zip(corpus.tolist(), window.tolist())):
+            rows[r] = self.corpora[c].tokens[j * T: j * T + T + 1]
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
     def fingerprint(self) -> str:
         """A digest of what defines the windows (corpora contents by their counts and tokenizer,
         seq_len, weights, seed), not of their paths: a moved corpus still resumes."""
-        desc = {"seq_len": self.seq_len, "seed": self.seed,
+        desc = {"seq_len": self.seq_len, "seed": self.seed, "order": "feistel-1",   # the sample order's version
                 "weights": None if self.weights is None else [round(float(w), 12) for w in self.weights],
                 "corpora": [[c.meta.get("tokenizer_sha256"), c.num_tokens, c.num_documents] for c in self.corpora]}
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
@@ -142,7 +138,8 @@ class TokenWindows:
 
 
 class BatchSampler:
-    """This rank's micro-batches of a seeded, epoch-wise shuffled, infinite sample stream.
+    """This rank's micro-batches of a seeded, epoch-wise shuffled, infinite sample stream
+    (O(1) memory: see the module docstring).
 
     ``next_micro_batch() -> (x, y)``: torch.LongTensor (micro_batch, T). ``state_dict()`` /
     ``load_state_dict()`` carry ``consumed_samples`` (global samples of completed micro-steps).
@@ -165,17 +162,13 @@ class BatchSampler:
         self.micro_step_samples = micro_batch * dp_size
         self.consumed_samples = 0
         self._epoch = -1
-        self._perm = np.zeros(0, np.int64)
+        self._perm: FeistelPermutation | None = None
 
-    @property
-    def step(self) -> int:
-        """Optimizer steps completed (``consumed_samples // global_batch``)."""
-        return self.consumed_samples // self.global_batch
-
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _permutation(self, epoch: int) -> FeistelPermutation:
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+            self._perm = FeistelPermutation(len(self.windows), derive_key(self.seed, epoch))
             self._epoch = epoch
+        assert self._perm is not None
         return self._perm
 
     def global_indices(self, start: int, count: int) -> np.ndarray:
@@ -184,10 +177,9 @@ class BatchSampler:
         out = np.empty(count, np.int64)
         done = 0
         while done < count:
-            g = start + done
-            epoch, pos = divmod(g, n)
+            epoch, pos = divmod(start + done, n)
             take = min(count - done, n - pos)
-            out[done: done + take] = self._permutation(epoch)[pos: pos + take]
+            out[done: done + take] = self._permutation(epoch)(np.arange(pos, pos + take, dtype=np.int64))
             done += take
         return out
 
@@ -223,7 +215,7 @@ class BatchSampler:
         if (state.get("num_windows"), state.get("windows_fingerprint")) != mine:
             raise ValueError(f"sampler state is for other windows ({state.get('num_windows')} windows, fingerprint "
                              f"{state.get('windows_fingerprint')}); these are {len(self.windows)} windows, "
-                             f"fingerprint {self.windows.fingerprint()} (corpora, seq_len, weights or seed changed)")
+                             f"fingerprint {self.windows.fingerprint()} (corpora, seq_len, weights, seed or the sampler's order changed)")
         consumed = int(state["consumed_samples"])
         if consumed < 0 or consumed % self.micro_step_samples:
             raise ValueError(f"sampler state consumed_samples={consumed} is not a multiple of micro_batch x dp_size "

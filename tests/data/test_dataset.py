@@ -57,8 +57,12 @@ def test_concatenation_and_blending(tmp_path):
     assert len(blend) == 125
     from_b = np.array([blend[i][0][0] >= 10_000 for i in range(len(blend))])
     assert from_b.sum() == round(125 * 0.75)
-    # evenly interleaved: every 8 consecutive samples hold 6 from b, give or take one
-    assert all(abs(from_b[i: i + 8].sum() - 6) <= 1 for i in range(0, 120, 8))
+    # the shuffled stream mixes them: each epoch holds exactly 94 samples of b, and 32-sample
+    # stretches hold 24 of b give or take sampling noise (binomial sd ~2.4)
+    stream = BatchSampler(blend, 125, seed=1).global_indices(0, 250)
+    stream_b = np.array([blend[int(i)][0][0] >= 10_000 for i in stream])
+    assert stream_b[:125].sum() == stream_b[125:].sum() == 94
+    assert all(abs(stream_b[i: i + 32].sum() - 24) <= 8 for i in range(0, 218, 32))
     starts_b = [int(blend[i][0][0]) for i in np.flatnonzero(from_b)]
     assert set(starts_b) == {10_000 + 8 * j for j in range(25)}         # b repeated: every window used
     again = TokenWindows([a, b], seq_len=8, weights=[1, 3], seed=5)
