@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cratelm.data.tokenizer import add_arguments, run  # noqa: E402
+from cratelm.data.cli import add_train_tokenizer_arguments as add_arguments, run_train_tokenizer as run  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,7 +7,8 @@ shard format: docs/data-format.md.
 """
 
 from cratelm.data.dataset import BatchSampler, TokenWindows
-from cratelm.data.indexed import IndexedTokens, ShardFormatError
+from cratelm.data.corpus import IndexedTokens
+from cratelm.data.indexed import ShardFormatError
 from cratelm.data.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = ["BatchSampler", "IndexedTokens", "ShardFormatError", "TokenWindows", "Tokenizer", "train_tokenizer"]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cratelm.data.indexed import IndexedTokens
+from cratelm.data.corpus import IndexedTokens
 from cratelm.data.sampling import FeistelPermutation, derive_key
 
 if TYPE_CHECKING:

@@ -1,6 +1,12 @@
-"""Indexed token shards: ``NAME.bin`` + ``NAME.idx`` + one ``meta.json`` per corpus directory.
+"""Indexed token shards: token files + an index per split + one ``meta.json`` per corpus.
 
-The format is documented byte by byte in docs/data-format.md; in short:
+The format is documented byte by byte in docs/data-format.md. Version 2 (what prepare-data
+writes): the corpus is a sequence of parts ``part-IIIII-of-NNNNN/`` (one per machine or array
+task; a single one when prepared in one go), each holding per split ``NAME.idx`` and the token
+stream cut into files ``NAME.KKKKK.bin`` of bounded size (documents may run across files) and a
+``part.json`` listing them with their sizes and sha256; ``meta.json`` lists the parts and is
+written once every part is complete. Version 1 (still read; `ShardWriter` writes it): one
+file pair per split beside meta.json:
 
     NAME.bin   the token ids of every document, back to back, each document followed by
                EOS; little-endian uint16 (vocab_size <= 65536) or uint32
@@ -19,6 +25,7 @@ temporary name and renamed into place when complete (`atomic_path`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -152,97 +159,134 @@ class ShardWriter:
             self._tmp.unlink()
 
 
-def resolve_shard(path: str | os.PathLike, name: str | None = None) -> tuple[Path, str]:
-    """(corpus directory, split name) of ``dir/NAME.bin``, ``dir/NAME.idx``, ``dir/NAME``,
-    or ``dir`` + ``name`` (a directory alone means its ``train`` split)."""
-    p = Path(path)
-    if p.is_dir():
-        return p, name or "train"
-    if name is not None:
-        raise ValueError(f"{path}: give either a corpus directory + name, or a shard path, not both")
-    if p.suffix in (".bin", ".idx"):
-        return p.parent, p.stem
-    if p.with_suffix(".bin").exists() or p.parent.joinpath(META_FILE).exists():
-        return p.parent, p.name
-    raise FileNotFoundError(f"{path}: no such corpus directory or token shard")
+PART_FILE = "part.json"
 
 
-def read_meta(corpus_dir: str | os.PathLike) -> dict:
-    """The corpus' meta.json; a clear error if it is absent (an incomplete or killed preparation)."""
-    path = Path(corpus_dir) / META_FILE
-    if not Path(corpus_dir).is_dir():
-        raise FileNotFoundError(f"{corpus_dir}: no such corpus directory")
+def part_name(index: int, num_shards: int) -> str:
+    """The directory of part ``index`` of ``num_shards``."""
+    return f"part-{index:05d}-of-{num_shards:05d}"
+
+
+class TokenStream:
+    """Read-only concatenation of token files, sliced like an array (``stream[a:b]`` -> numpy);
+    the files are memory-mapped on first use, so opening costs nothing per file."""
+
+    def __init__(self, files: list[tuple[Path, int]], dtype: str) -> None:
+        self.files = [Path(f) for f, _ in files]
+        self.dtype = DTYPES[dtype]
+        self.starts = np.concatenate([[0], np.cumsum([n for _, n in files], dtype=np.int64)]).astype(np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _map(self, k: int) -> np.ndarray:
+        if k not in self._maps:
+            n = int(self.starts[k + 1] - self.starts[k])
+            self._maps[k] = np.memmap(self.files[k], dtype=self.dtype, mode="r", shape=(n,)) if n else \
+                np.zeros(0, self.dtype)
+        return self._maps[k]
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        n = len(self)
+        if not isinstance(key, slice):
+            i = int(key) + (n if int(key) < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"token {key} out of range ({n} tokens)")
+            return self[i: i + 1][0]
+        start, stop, step = key.indices(n)
+        if step != 1:
+            raise ValueError("TokenStream: only contiguous slices")
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right") - 1)
+        last = int(np.searchsorted(self.starts, stop - 1, side="right") - 1)
+        pieces = [self._map(k)[max(start - self.starts[k], 0): min(stop, self.starts[k + 1]) - self.starts[k]]
+                  for k in range(first, last + 1)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
+class SplitWriter:
+    """Write one split of one part: ``NAME.KKKKK.bin`` files of at most ``max_file_tokens``
+    tokens each and ``NAME.idx`` (offsets streamed to disk: memory does not grow with the
+    corpus). Call `write` with whole documents, then `close` for the part.json entry."""
+
+    def __init__(self, folder: str | os.PathLike, name: str, dtype: str, max_file_tokens: int) -> None:
+        self.folder, self.name, self.dtype = Path(folder), name, dtype
+        self.max_file_tokens = max(1, int(max_file_tokens))
+        self.files: list[dict] = []
+        self.num_tokens = self.num_documents = self.num_bytes = 0
+        self._bin: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._idx = open(self.folder / f"{name}.idx", "wb")
+        self._idx.write(bytes(HEADER_BYTES) + np.zeros(1, "<i8").tobytes())   # header patched at close
+
+    def _roll(self) -> None:
+        if self._bin is not None:
+            self._bin.close()
+            self.files[-1]["sha256"] = self._hash.hexdigest()
+        name = f"{self.name}.{len(self.files):05d}.bin"
+        self._bin, self._hash = open(self.folder / name, "wb"), hashlib.sha256()
+        self.files.append({"file": name, "num_tokens": 0})
+
+    def write(self, tokens: np.ndarray, doc_lengths: np.ndarray, num_bytes: int = 0) -> None:
+        """Append whole documents: ``tokens`` = their concatenation, ``doc_lengths`` tokens each."""
+        tokens = np.ascontiguousarray(tokens, dtype=DTYPES[self.dtype])
+        done = 0
+        while done < len(tokens):
+            if self._bin is None or self.files[-1]["num_tokens"] >= self.max_file_tokens:
+                self._roll()
+            take = min(len(tokens) - done, self.max_file_tokens - self.files[-1]["num_tokens"])
+            data = tokens[done: done + take].tobytes()
+            self._bin.write(data)
+            self._hash.update(data)
+            self.files[-1]["num_tokens"] += take
+            done += take
+        ends = self.num_tokens + np.cumsum(np.asarray(doc_lengths, np.int64))
+        self._idx.write(ends.astype("<i8").tobytes())
+        self.num_tokens += len(tokens)
+        self.num_documents += len(doc_lengths)
+        self.num_bytes += int(num_bytes)
+
+    def close(self) -> dict:
+        """Finish the files; return this split's part.json entry."""
+        if self._bin is not None:
+            self._bin.close()
+            self.files[-1]["sha256"] = self._hash.hexdigest()
+        header = MAGIC + np.array([VERSION, DTYPES[self.dtype].itemsize], "<u4").tobytes() \
+            + np.array([self.num_documents, 0], "<u8").tobytes()
+        self._idx.seek(0)
+        self._idx.write(header)
+        self._idx.close()
+        return {"num_tokens": self.num_tokens, "num_documents": self.num_documents, "num_bytes": self.num_bytes,
+                "files": self.files, "index": f"{self.name}.idx",
+                "index_sha256": file_sha256(self.folder / f"{self.name}.idx")}
+
+    def abort(self) -> None:
+        """Close the files (the part directory is removed by the caller)."""
+        for f in (self._bin, self._idx):
+            if f is not None and not f.closed:
+                f.close()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_part(corpus_dir: Path, part: str) -> dict:
+    """A part's part.json; a clear error when it is missing (that part is not finished)."""
+    path = corpus_dir / part / PART_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ShardFormatError(f"{path} not found: {corpus_dir} is not a complete prepared corpus "
-                               f"(meta.json is written last; was the preparation interrupted?)") from None
+        raise ShardFormatError(f"{path} not found: part {part} of {corpus_dir} is missing or unfinished") from None
     except json.JSONDecodeError as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
-
-
-class IndexedTokens:
-    """A zero-copy view of one split of a prepared corpus.
-
-    ``IndexedTokens("data/stdlib/val.bin")`` or ``IndexedTokens("data/stdlib", "val")``.
-    Attributes: ``tokens`` (read-only np.memmap), ``doc_offsets`` (int64, N + 1),
-    ``meta`` (the corpus meta.json), ``num_tokens``, ``num_documents``, ``dtype``, ``name``.
-    """
-
-    def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
-        self.dir, self.name = resolve_shard(path, name)
-        self.meta = read_meta(self.dir)
-        self.bin_path = self.dir / f"{self.name}.bin"
-        self.idx_path = self.dir / f"{self.name}.idx"
-        splits = self.meta.get("splits", {})
-        if self.name not in splits:
-            raise ShardFormatError(f"{self.dir / META_FILE}: no split {self.name!r} (has {sorted(splits)})")
-        self.dtype, self.doc_offsets = read_index(self.idx_path)
-        if self.dtype != self.meta.get("dtype"):
-            raise ShardFormatError(f"{self.idx_path}: dtype {self.dtype} but meta.json says {self.meta.get('dtype')}")
-        self.num_documents = len(self.doc_offsets) - 1
-        self.num_tokens = int(self.doc_offsets[-1])
-        itemsize = DTYPES[self.dtype].itemsize
-        if not self.bin_path.exists() or self.bin_path.stat().st_size != self.num_tokens * itemsize:
-            size = self.bin_path.stat().st_size if self.bin_path.exists() else "missing"
-            raise ShardFormatError(f"{self.bin_path}: size {size}, expected {self.num_tokens * itemsize} bytes "
-                                   f"({self.num_tokens} {self.dtype} tokens per {self.idx_path.name})")
-        split = splits[self.name]
-        if (split.get("num_tokens"), split.get("num_documents")) != (self.num_tokens, self.num_documents):
-            raise ShardFormatError(f"{self.dir / META_FILE}: split {self.name} records {split.get('num_tokens')} "
-                                   f"tokens / {split.get('num_documents')} documents, the shard has "
-                                   f"{self.num_tokens} / {self.num_documents}")
-        # np.memmap cannot map an empty file; an empty split is a valid (if useless) shard
-        self.tokens = (np.memmap(self.bin_path, dtype=DTYPES[self.dtype], mode="r") if self.num_tokens
-                       else np.zeros(0, DTYPES[self.dtype]))
-
-    @property
-    def eos_id(self) -> int:
-        """The EOS id that ends every document."""
-        return int(self.meta["eos_id"])
-
-    @property
-    def num_bytes(self) -> int:
-        """UTF-8 bytes of this split's documents (for bits per byte)."""
-        return int(self.meta["splits"][self.name]["num_bytes"])
-
-    def document(self, i: int) -> np.ndarray:
-        """Token ids of document ``i``, its trailing EOS included."""
-        if not -self.num_documents <= i < self.num_documents:
-            raise IndexError(f"{self.bin_path}: document {i} out of range ({self.num_documents} documents)")
-        i %= self.num_documents
-        return self.tokens[self.doc_offsets[i]: self.doc_offsets[i + 1]]
-
-    def __len__(self) -> int:
-        return self.num_documents
-
-    def __repr__(self) -> str:
-        return (f"IndexedTokens({str(self.bin_path)!r}: {self.num_documents} documents, "
-                f"{self.num_tokens} {self.dtype} tokens)")
-
-    # pickle as the path: loader workers reopen the memmaps instead of copying them
-    def __getstate__(self) -> dict:
-        return {"dir": str(self.dir), "name": self.name}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["dir"], state["name"])

@@ -1,50 +1,52 @@
-"""Prepare a corpus: read documents, tokenize them in parallel, split by document, write
-token shards (format: docs/data-format.md).
+"""Prepare a corpus: read documents as a stream, tokenize them over worker processes, split
+them by document, write bounded token files (format: docs/data-format.md).
 
     cratelm prepare-data --corpus python-stdlib --out data/stdlib          # trains a tokenizer too
     cratelm prepare-data data/raw/*.jsonl --text-key text --tokenizer tok.model --out data/mine \\
         --val 0.005 --test 1000 --num-proc 8
+    cratelm prepare-data 'web/*.jsonl' --tokenizer tok.model --out data/web --num-shards 64 --shard-index 7
 
-OUT/ receives train.bin/.idx, val.bin/.idx (test.* if asked), tokenizer.model (or the given
-tokenizer.json) and meta.json.
-Robustness: everything is built in OUT/.partial-PID/ and moved into place only when complete;
-meta.json is written LAST, so a killed run never leaves a corpus that looks complete, and the
-previous corpus in OUT/ stays usable until the new one is ready. A rerun starts over cleanly.
-An OUT/ whose meta.json names another tokenizer is never overwritten.
+Memory does not grow with the corpus: inputs are read in tasks of ~4 MiB (reading.py), at most
+2 x num_proc in flight (pipeline.py), and shards are written as they come (`SplitWriter`).
+Splits: a document is in ``val`` when its draw (a hash of seed, source name and position, so
+the same on every machine) is below the val fraction, in ``test`` when above 1 - the test
+fraction; a count (``--val 50``) holds out the documents of smallest (test: largest) draws.
+``--num-shards N --shard-index I``: this run takes the I-th contiguous slice of the input
+tasks and writes part I; the parts in order are the corpus prepared in one go, token for token.
 
-Pipeline: the main thread reads and batches documents; ``num_proc`` threads encode batches
-(sentencepiece releases the GIL, so threads scale without pickling text to processes; measured
-faster than ``datasets.map(num_proc=...)`` on 2 cores, see cratelm/data/bench.py); results
-are written in input order to one temporary token file; the split then copies each document
-to its split's shard. The output is the same bytes for every ``num_proc``.
+Robustness: a part is built in OUT/.partial-HOST-PID/ and renamed into place only when
+complete; meta.json is removed first and written LAST (by whichever part completes the set),
+so a killed run never leaves a corpus that looks complete. An OUT/ whose corpus was made by
+another tokenizer is never overwritten.
 """
 
 from __future__ import annotations
 
-import argparse
+import heapq
 import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cratelm.data import sources as src_lib
-from cratelm.data.indexed import META_FILE, ShardWriter, choose_dtype, read_index, write_json_atomic
-from cratelm.data.tokenizer import (Tokenizer, add_input_arguments, add_training_arguments, load_tokenizer,
-                                    train_tokenizer_on_texts)
+from cratelm.data.indexed import (META_FILE, PART_FILE, SplitWriter, choose_dtype, part_name,
+                                  write_json_atomic)
+from cratelm.data.pipeline import encode_tasks
+from cratelm.data.reading import ReadOptions, SkipLocator, dataset_tasks, iter_documents, plan_tasks, sample_tasks
+from cratelm.data.tokenizer import Tokenizer, train_tokenizer_on_texts
 
 SPLITS = ("train", "val", "test")
 FORMAT = "cratelm-tokens"
-FORMAT_VERSION = 1
-_BATCH_CHARS = 1 << 18        # ~256 KiB of text per encode batch
-_SPLIT_CHUNK_TOKENS = 1 << 23
+FORMAT_VERSION = 2
+MAX_FILE_BYTES = 2 << 30
+TOKENIZER_SAMPLE_BYTES = 256 << 20
 
 
 class TokenizerMismatchError(ValueError):
@@ -66,149 +68,79 @@ def parse_split_size(text: str | float | int) -> float | int:
     return value
 
 
-def split_counts(num_documents: int, val: float | int, test: float | int = 0) -> dict[str, int]:
-    """Documents per split. A fraction f gives round(f N) documents, at least 1 when f > 0."""
-    counts = {}
-    for name, size in (("val", val), ("test", test)):
-        size = parse_split_size(size)
-        counts[name] = max(1, round(size * num_documents)) if isinstance(size, float) and size > 0 else int(size)
-    counts["train"] = num_documents - counts["val"] - counts["test"]
-    if counts["train"] < 1:
-        raise ValueError(f"val={val} ({counts['val']} documents) and test={test} ({counts['test']} documents) "
-                         f"leave no training documents out of {num_documents}")
-    return counts
+class Splitter:
+    """Assigns documents to splits by their draws, writing them in input order: fractions at
+    once; counts through a holdout heap of that many documents (written at `finish`; a
+    document pushed out of it goes to train then)."""
 
+    def __init__(self, writers: dict[str, SplitWriter], val: float | int, test: float | int) -> None:
+        self.writers = writers
+        self.fraction = {n: v for n, v in (("val", val), ("test", test)) if isinstance(v, float)}
+        if sum(self.fraction.values()) >= 1:
+            raise ValueError(f"val={val} + test={test} leave no training documents")
+        self.count = {n: v for n, v in (("val", val), ("test", test)) if isinstance(v, int) and v > 0}
+        self.heaps: dict[str, list] = {n: [] for n in self.count}
+        self.seq = 0
 
-def assign_splits(num_documents: int, counts: dict[str, int], seed: int) -> np.ndarray:
-    """Split of each document (an index into `SPLITS`): val and test are drawn by a permutation
-    seeded by ``seed``; each split keeps the documents in corpus order."""
-    perm = np.random.default_rng(seed).permutation(num_documents)
-    labels = np.zeros(num_documents, np.uint8)
-    labels[perm[: counts["val"]]] = SPLITS.index("val")
-    labels[perm[counts["val"]: counts["val"] + counts["test"]]] = SPLITS.index("test")
-    return labels
+    def add(self, ids: np.ndarray, lens: np.ndarray, nbytes: np.ndarray, draws: np.ndarray) -> None:
+        labels = np.zeros(len(lens), np.int8)
+        labels[draws < self.fraction.get("val", 0.0)] = 1
+        labels[draws >= 1 - self.fraction.get("test", 0.0)] = 2
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        for k in (0, 1, 2):
+            sel = labels == k
+            if not sel.any() or (k == 0 and self.count):
+                continue
+            toks = ids if sel.all() else ids[np.repeat(sel, lens)]
+            self.writers[SPLITS[k]].write(toks, lens[sel], int(nbytes[sel].sum()))
+        if self.count:       # train candidates go through the holdouts, one by one
+            for j in np.flatnonzero(labels == 0):
+                self._hold((float(draws[j]), ids[starts[j]: ends[j]], int(nbytes[j])))
 
+    def _hold(self, doc: tuple[float, np.ndarray, int]) -> None:
+        """Offer ``doc`` (draw, tokens, bytes) to each holdout; what none keeps goes to train."""
+        for name, heap in self.heaps.items():
+            self.seq += 1
+            item = (-doc[0] if name == "val" else doc[0], self.seq, doc)   # the heap's root is evicted first
+            if len(heap) < self.count[name]:
+                heapq.heappush(heap, item)
+                return
+            doc = heapq.heappushpop(heap, item)[2]
+        self.writers["train"].write(doc[1], np.array([len(doc[1])]), doc[2])
 
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-# ------------------------------------------------------------------------------ tokenization
-def tokenize_to_shard(docs: Any, tokenizer: Tokenizer, writer: ShardWriter, num_proc: int = 1,
-                      max_documents: int | None = None, progress: Any = None) -> dict[str, Any]:
-    """Encode the documents of iterator ``docs`` (each + EOS) with ``num_proc`` threads and
-    append them to ``writer`` in input order. Returns counts, UTF-8 bytes per document and timings."""
-
-    def encode(batch: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ids, lens = tokenizer.encode_documents(batch)
-        return ids, lens, np.fromiter(map(_utf8_len, batch), np.int64, len(batch))
-
-    doc_bytes: list[np.ndarray] = []
-    stats = {"documents": 0, "tokens": 0, "write_seconds": 0.0}
-
-    def consume(result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        ids, lens, nbytes = result
-        t = time.perf_counter()
-        writer.write(ids, lens)
-        stats["write_seconds"] += time.perf_counter() - t
-        doc_bytes.append(nbytes)
-        stats["documents"] += len(lens)
-        stats["tokens"] += len(ids)
-        if progress is not None:
-            progress.update(int(nbytes.sum()))
-            progress.set_postfix(docs=stats["documents"], tokens=stats["tokens"], refresh=False)
-
-    def batches():
-        batch: list[str] = []
-        chars = n = 0
-        for doc in docs:
-            batch.append(doc)
-            chars += len(doc)
-            n += 1
-            if chars >= _BATCH_CHARS or len(batch) >= 4096:
-                yield batch
-                batch, chars = [], 0
-            if max_documents is not None and n >= max_documents:
-                break
-        if batch:
-            yield batch
-
-    if num_proc <= 1:
-        for batch in batches():
-            consume(encode(batch))
-    else:
-        with ThreadPoolExecutor(num_proc, thread_name_prefix="tokenize") as pool:
-            pending: deque[Future] = deque()
-            try:
-                for batch in batches():
-                    pending.append(pool.submit(encode, batch))
-                    while len(pending) > 2 * num_proc or (pending and pending[0].done()):
-                        consume(pending.popleft().result())
-                while pending:
-                    consume(pending.popleft().result())
-            finally:
-                for f in pending:
-                    f.cancel()
-    stats["doc_bytes"] = np.concatenate(doc_bytes) if doc_bytes else np.zeros(0, np.int64)
-    return stats
-
-
-def write_splits(all_bin: Path, labels: np.ndarray, dtype: str, out_dir: Path) -> dict[str, dict[str, int]]:
-    """Copy each document of ``all_bin`` to its split's shard ``out_dir/NAME.bin`` (in corpus
-    order); return per split {num_tokens, num_documents}. Splits with no document are not written."""
-    _, offsets = read_index(all_bin.with_suffix(".idx"))
-    tokens = np.memmap(all_bin, dtype=dtype, mode="r")
-    lengths = np.diff(offsets)
-    present = [k for k in range(len(SPLITS)) if np.any(labels == k)]
-    writers = {k: ShardWriter(out_dir / f"{SPLITS[k]}.bin", dtype) for k in present}
-    try:
-        start = 0
-        while start < len(labels):      # chunks of whole documents, ~8M tokens each
-            stop = int(np.searchsorted(offsets, offsets[start] + _SPLIT_CHUNK_TOKENS, side="right"))
-            stop = min(max(stop - 1, start + 1), len(labels))
-            chunk = np.asarray(tokens[offsets[start]: offsets[stop]])
-            chunk_labels = labels[start:stop]
-            token_labels = np.repeat(chunk_labels, lengths[start:stop])
-            for k, w in writers.items():
-                sel = chunk_labels == k
-                if sel.any():
-                    w.write(chunk if sel.all() else chunk[token_labels == k], lengths[start:stop][sel])
-            start = stop
-        result = {}
-        for k, w in writers.items():
-            offs = w.close()
-            result[SPLITS[k]] = {"num_tokens": int(offs[-1]), "num_documents": len(offs) - 1}
-        return result
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+    def finish(self) -> None:
+        for name, heap in self.heaps.items():
+            for _, _, (_, toks, nb) in sorted(heap, key=lambda e: e[1]):     # input order
+                self.writers[name].write(toks, np.array([len(toks)]), nb)
 
 
 # ------------------------------------------------------------------------------ the corpus
 def _check_existing(out_dir: Path, tokenizer: Tokenizer) -> dict | None:
     """The meta.json already in ``out_dir`` (None if absent); refuse another tokenizer's corpus."""
-    path = out_dir / META_FILE
-    if not path.exists():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TokenizerMismatchError(f"{path} exists but cannot be read ({e}); remove {out_dir} first") from None
-    if meta.get("tokenizer_sha256") != tokenizer.sha256:
-        raise TokenizerMismatchError(
-            f"{out_dir} holds a corpus made with tokenizer sha256 {meta.get('tokenizer_sha256')} "
-            f"({meta.get('tokenizer')}); refusing to overwrite it with tokens of {tokenizer.path} "
-            f"(sha256 {tokenizer.sha256}). Choose another --out, remove {out_dir}, or pass "
-            f"--tokenizer {out_dir / tokenizer.filename}")
-    return meta
+    for path in [out_dir / META_FILE, *sorted(out_dir.glob(f"part-*/{PART_FILE}"))]:
+        if not path.exists():
+            continue
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise TokenizerMismatchError(f"{path} exists but cannot be read ({e}); remove {out_dir} first") from None
+        sha = meta.get("tokenizer_sha256") or meta.get("settings", {}).get("tokenizer_sha256")
+        if sha != tokenizer.sha256:
+            raise TokenizerMismatchError(
+                f"{out_dir} holds a corpus made with tokenizer sha256 {sha}; refusing to "
+                f"overwrite it with tokens of {tokenizer.path} (sha256 {tokenizer.sha256}). Choose another --out, "
+                f"remove {out_dir}, or pass --tokenizer {out_dir / 'tokenizer.model'}")
+    return None
 
 
 def _clean_stale_partials(out_dir: Path) -> None:
-    """Remove the temporary directories of killed runs; refuse to run beside a live one."""
-    for d in out_dir.glob(".partial-*"):
+    """Remove this host's temporary directories of killed runs; refuse to run beside a live one.
+    (Other hosts' are left alone: their process ids mean nothing here.)"""
+    host = socket.gethostname()
+    for d in out_dir.glob(f".partial-{host}-*"):
         try:
-            pid = int(d.name.split("-", 1)[1])
+            pid = int(d.name.rsplit("-", 1)[1])
             os.kill(pid, 0)                      # raises if no such process
         except (ValueError, ProcessLookupError):
             shutil.rmtree(d, ignore_errors=True)
@@ -219,31 +151,59 @@ def _clean_stale_partials(out_dir: Path) -> None:
                            f"or remove {d} if that process is not a preparation")
 
 
-def _install(out: Path, partial: Path, tok: Tokenizer, splits: list[str], given_tokenizer: str | None,
-             meta: dict) -> None:
-    """Move the finished shards and tokenizer from ``partial`` into ``out``: remove the old
-    meta.json first (the directory is incomplete from then on) and write the new one last."""
-    old = _check_existing(out, tok)
+def _install_tokenizer(out: Path, partial: Path, given: str | None) -> None:
+    if given is not None and Path(given).resolve() == (out / "tokenizer.model").resolve():
+        return
+    src = partial / "tokenizer" if given is None else Path(given).with_suffix("")
+    for ext in (".vocab", ".model"):                               # .model last
+        if not Path(f"{src}{ext}").exists():
+            (out / f"tokenizer{ext}").unlink(missing_ok=True)
+            continue
+        if given is not None:
+            shutil.copyfile(f"{src}{ext}", partial / f"copy{ext}")
+        os.replace(partial / (f"copy{ext}" if given is not None else f"tokenizer{ext}"), out / f"tokenizer{ext}")
+
+
+def _install_part(out: Path, partial: Path, part: str, num_shards: int) -> None:
+    """Move the finished part into ``out``: meta.json goes first (the corpus is incomplete from
+    then on), with the flat files of a version 1 corpus and the parts of another sharding."""
     (out / META_FILE).unlink(missing_ok=True)
-    for name in (old or {}).get("splits", {}):
-        for ext in (".bin", ".idx"):
-            (out / f"{name}{ext}").unlink(missing_ok=True)
-    for name in splits:
-        for ext in (".bin", ".idx"):
-            os.replace(partial / f"{name}{ext}", out / f"{name}{ext}")
-    if given_tokenizer is None:                                  # trained into partial/
-        os.replace(partial / "tokenizer.vocab", out / "tokenizer.vocab")
-        os.replace(partial / "tokenizer.model", out / "tokenizer.model")
-    elif Path(given_tokenizer).resolve() != (out / tok.filename).resolve():
-        vocab = Path(given_tokenizer).with_suffix(".vocab")      # the human-readable piece list, if any
-        if vocab.exists():
-            shutil.copyfile(vocab, partial / "tokenizer.vocab")
-            os.replace(partial / "tokenizer.vocab", out / "tokenizer.vocab")
-        else:
-            (out / "tokenizer.vocab").unlink(missing_ok=True)
-        shutil.copyfile(given_tokenizer, partial / tok.filename)
-        os.replace(partial / tok.filename, out / tok.filename)
+    for old in out.glob("part-*"):
+        if old.name == part or not old.name.endswith(f"-of-{num_shards:05d}"):
+            shutil.rmtree(old)
+    for old in out.glob("*.bin"):
+        old.unlink()
+    for old in out.glob("*.idx"):
+        old.unlink()
+    os.replace(partial / part, out / part)
+
+
+def finalize(out_dir: str | os.PathLike) -> dict | None:
+    """Write meta.json when every part is complete and they agree; return it (None while
+    parts are missing). Cheap (reads the part.json files); several parts may call it at once."""
+    out = Path(out_dir)
+    infos = sorted(out.glob(f"part-*/{PART_FILE}"))
+    if not infos:
+        return None
+    parts = [json.loads(p.read_text(encoding="utf-8")) for p in infos]
+    n = parts[0]["settings"]["num_shards"]
+    if len(parts) != n or any(p["settings"] != parts[0]["settings"] for p in parts):
+        return None
+    report = src_lib.SkipReport()
+    report.merge(parts[0]["skipped_inputs"])
+    splits: dict[str, dict[str, int]] = {}
+    for p in parts:
+        report.merge(p["skipped"])
+        for name, s in p["splits"].items():
+            tot = splits.setdefault(name, {"num_tokens": 0, "num_documents": 0, "num_bytes": 0})
+            for k in tot:
+                tot[k] += s[k]
+    splits = {k: v for k, v in splits.items() if v["num_documents"]}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **parts[0]["settings"],
+            "parts": [p.parent.name for p in infos], "splits": splits, "skipped": report.as_dict(),
+            **{k: sum(s[k] for s in splits.values()) for k in ("num_tokens", "num_documents", "num_bytes")}}
     write_json_atomic(out / META_FILE, meta)
+    return meta
 
 
 def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokenizer: str | None = None, *,
@@ -252,162 +212,147 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
                    on_bad_utf8: str = "skip", dtype: str = "auto", max_documents: int | None = None,
                    hub_split: str = "train", hub_config: str | None = None, vocab_size: int = 8192,
                    model_type: str = "bpe", tokenizer_options: dict[str, Any] | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   tokenizer_sample_bytes: int | None = TOKENIZER_SAMPLE_BYTES, num_shards: int = 1,
+                   shard_index: int = 0, max_file_bytes: int = MAX_FILE_BYTES, progress: bool = True) -> dict[str, Any]:
     """Tokenize ``inputs`` (files, directories, globs, ``hf:NAME``, Dataset objects) and/or the
-    embedded ``corpus`` into ``out_dir`` and return the summary (also printed by `run`).
+    embedded ``corpus`` into ``out_dir`` (part ``shard_index`` of ``num_shards``); return the
+    summary (printed by ``cratelm prepare-data``).
 
-    ``tokenizer``: a sentencepiece model; None trains one on the same inputs (``vocab_size``,
-    ``model_type`` and ``tokenizer_options`` for `train_tokenizer_on_texts`). ``val`` / ``test``:
-    fractions (0.005) or document counts (50). ``max_documents`` stops early (quick trials).
+    ``tokenizer``: a sentencepiece model; None trains one on a seeded sample of about
+    ``tokenizer_sample_bytes`` of the inputs (None: all). ``val`` / ``test``: fractions (0.005)
+    or document counts (50, one part only). ``max_documents`` stops early (quick trials).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     val, test = parse_split_size(val), parse_split_size(test)
-    report = src_lib.SkipReport()
-    sources = src_lib.resolve_inputs(inputs, corpus, hub_split=hub_split, hub_config=hub_config,
-                                     num_proc=num_proc if num_proc > 1 else None)
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} not in [0, --num-shards {num_shards})")
+    if num_shards > 1 and tokenizer is None:
+        raise ValueError("--num-shards > 1 needs --tokenizer: every part must use the same one (train it first "
+                         "with `cratelm train-tokenizer`)")
+    if num_shards > 1 and (isinstance(val, int) and val or isinstance(test, int) and test or max_documents):
+        raise ValueError("--num-shards > 1: give --val / --test as fractions (a count needs the whole corpus in one "
+                         "run), and no --max-documents")
+    opts = ReadOptions(text_key, one_doc_per_line, on_bad_utf8)
+    tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    sources = src_lib.resolve_inputs(inputs, corpus, hub_split=hub_split, hub_config=hub_config, exclude=out)
+    skipped_inputs = src_lib.SkipReport()
+    tasks = plan_tasks(sources, opts, skipped_inputs, None if max_documents is None else 1 << 16)  # trials: small
+    if not tasks:
+        raise src_lib.BadInputError(f"no usable input: {skipped_inputs.total} inputs skipped "
+                                    f"{skipped_inputs.counts} (first: {skipped_inputs.examples})")
+    if num_shards > 1 and any(t.pieces[0][1] < 0 for t in tasks):
+        raise ValueError("--num-shards > 1 reads files only (not hf:NAME or Dataset objects): save the dataset "
+                         "as parquet or jsonl files first")
+    if (val or test) and len(tasks) == 1 and len(tasks[0].pieces) == 1 and tasks[0].pieces[0][1] == 0 \
+            and sources[tasks[0].pieces[0][0]].kind == "text" and not one_doc_per_line:
+        raise ValueError(f"the input is one document ({sources[tasks[0].pieces[0][0]].name}): it cannot be split "
+                         f"into train and val/test; pass --val 0 --test 0, or --one-doc-per-line")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partials(out)
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)    # sentencepiece, or a Hugging Face tokenizer.json
-        _check_existing(out, tok)          # before any work
-    partial = out / f".partial-{os.getpid()}"
-    partial.mkdir()
+    partial = out / f".partial-{socket.gethostname()}-{os.getpid()}"
     try:
+        _clean_stale_partials(out)
+        if tok is not None:
+            _check_existing(out, tok)              # before any work
+        partial.mkdir()
         t_tok = time.perf_counter()
-        if tokenizer is None:
-            texts = src_lib.iter_documents(sources, text_key=text_key, one_doc_per_line=one_doc_per_line,
-                                           on_bad_utf8=on_bad_utf8, report=src_lib.SkipReport())
-            texts = itertools.islice(texts, max_documents)   # None = all
+        if tok is None:
+            train_report = src_lib.SkipReport()
+            texts = itertools.islice(iter_documents(sample_tasks(tasks, tokenizer_sample_bytes, seed), sources, opts,
+                                                    train_report, tokenizer_sample_bytes), max_documents)
             tok = train_tokenizer_on_texts(texts, str(partial / "tokenizer"), vocab_size, model_type,
-                                           **{"seed": seed, **(tokenizer_options or {})})
+                                           **{"seed": seed, **(tokenizer_options or {})},
+                                           name=str(out / "tokenizer.model"), report=train_report)
             _check_existing(out, tok)
         t_tok = time.perf_counter() - t_tok
         if not tok.lossless:
             print(f"prepare: warning: {tok.path} was not trained with the lossless options "
                   f"(see cratelm/data/tokenizer.py): decoding may not give back the exact text", file=sys.stderr)
         dtype = choose_dtype(tok.vocab_size, dtype)
-
-        # 1. tokenize everything, in input order, into one temporary shard
-        from tqdm.auto import tqdm
-        bar = tqdm(total=None if max_documents else src_lib.source_bytes(sources), unit="B", unit_scale=True,
-                   desc=f"tokenize -> {out}", disable=not progress, dynamic_ncols=True)
-        docs = src_lib.iter_documents(sources, text_key=text_key, one_doc_per_line=one_doc_per_line,
-                                      on_bad_utf8=on_bad_utf8, report=report)
-        writer = ShardWriter(partial / "all.bin", dtype)
-        t_enc = time.perf_counter()
-        try:
-            stats = tokenize_to_shard(docs, tok, writer, num_proc, max_documents, bar)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-        t_enc = time.perf_counter() - t_enc
-        n_docs = stats["documents"]
-        if n_docs == 0:
-            raise src_lib.BadInputError(f"no documents to tokenize: {report.total} inputs skipped {report.counts} "
-                                        f"(first: {report.examples})")
-
-        # 2. split by whole documents
-        t_split = time.perf_counter()
-        counts = split_counts(n_docs, val, test)
-        labels = assign_splits(n_docs, counts, seed)
-        splits = write_splits(partial / "all.bin", labels, dtype, partial)
-        for name, info in splits.items():
-            info["num_bytes"] = int(stats["doc_bytes"][labels == SPLITS.index(name)].sum())
-        t_split = time.perf_counter() - t_split
-
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype,
-            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "tokenizer": tok.filename, "tokenizer_sha256": tok.sha256,
-            "inputs": [str(i) if isinstance(i, (str, os.PathLike)) else f"<{type(i).__name__}>" for i in inputs or []]
-            + ([src_lib.describe_corpus(corpus)] if corpus else []),
-            "num_tokens": stats["tokens"], "num_documents": n_docs, "num_bytes": int(stats["doc_bytes"].sum()),
-            "splits": splits, "split_seed": seed, "split_sizes": {"val": val, "test": test},
-            "text_key": text_key, "one_doc_per_line": one_doc_per_line, "on_bad_utf8": on_bad_utf8,
-            "max_documents": max_documents, "skipped": report.as_dict(),
-        }
-        assert sum(s["num_tokens"] for s in splits.values()) == meta["num_tokens"]
-
-        # 3. move into place; meta.json last
-        t_move = time.perf_counter()
-        _install(out, partial, tok, list(splits), tokenizer, meta)
-        t_move = time.perf_counter() - t_move
+        lo, hi = len(tasks) * shard_index // num_shards, len(tasks) * (shard_index + 1) // num_shards
+        summary = _tokenize(tasks[lo:hi], sources, opts, tok, dtype, partial / part_name(shard_index, num_shards),
+                            val, test, seed, num_proc, max_documents, max_file_bytes, progress, out)
+        settings = {"dtype": dtype, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                    "tokenizer": "tokenizer.model", "tokenizer_sha256": tok.sha256, "num_shards": num_shards,
+                    "inputs": [str(i) if isinstance(i, (str, os.PathLike)) else f"<{type(i).__name__}>"
+                               for i in inputs or []] + ([src_lib.describe_corpus(corpus)] if corpus else []),
+                    "num_tasks": len(tasks), "split_seed": seed, "split_sizes": {"val": val, "test": test},
+                    "text_key": text_key, "one_doc_per_line": one_doc_per_line, "on_bad_utf8": on_bad_utf8,
+                    "max_documents": max_documents}
+        write_json_atomic(partial / part_name(shard_index, num_shards) / PART_FILE,
+                          {"part": shard_index, "tasks": [lo, hi], "settings": settings,
+                           "skipped_inputs": skipped_inputs.as_dict(), "skipped": summary.pop("report").as_dict(),
+                           "splits": summary["splits"]})
+        _install_part(out, partial, part_name(shard_index, num_shards), num_shards)
+        _install_tokenizer(out, partial, tokenizer)
+        meta = finalize(out)
+    except BaseException:
+        if created and not any(p for p in out.iterdir() if p != partial):
+            shutil.rmtree(out, ignore_errors=True)          # a failed run leaves no empty --out behind
+        raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-    seconds = time.perf_counter() - t_start
-    return {
-        "out_dir": str(out), "documents": n_docs, "tokens": stats["tokens"], "bytes": meta["num_bytes"],
-        "splits": splits, "skipped": report.as_dict(), "tokenizer": str(out / tok.filename),
-        "tokenizer_sha256": tok.sha256, "tokenizer_trained": tokenizer is None, "dtype": dtype,
-        "num_proc": num_proc, "seconds": seconds, "tokenizer_seconds": t_tok, "tokenize_seconds": t_enc,
-        "write_seconds": stats["write_seconds"] + t_split + t_move,
-        "tokens_per_s": stats["tokens"] / t_enc if t_enc else 0.0,
-        "mb_per_s": meta["num_bytes"] / 1e6 / t_enc if t_enc else 0.0,
-    }
+    report = src_lib.SkipReport()
+    report.merge(skipped_inputs.as_dict())
+    report.merge(json.loads((out / part_name(shard_index, num_shards) / PART_FILE).read_text())["skipped"])
+    summary.update(out_dir=str(out), skipped=report.as_dict(), tokenizer=str(out / "tokenizer.model"),
+                   tokenizer_sha256=tok.sha256, tokenizer_trained=tokenizer is None, dtype=dtype, num_proc=num_proc,
+                   seconds=time.perf_counter() - t_start, tokenizer_seconds=t_tok, part=shard_index,
+                   num_shards=num_shards, complete=meta is not None)
+    return summary
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    """A human-readable summary of `prepare_corpus`'s result."""
-    lines = [f"prepared {s['out_dir']}: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['dtype']}), "
-             f"{s['bytes']:,} bytes of text ({s['bytes'] / max(s['tokens'] - s['documents'], 1):.2f} bytes/token)",
-             f"  tokenize: {s['tokenize_seconds']:.1f} s, {s['tokens_per_s']:,.0f} tokens/s, "
-             f"{s['mb_per_s']:.2f} MB/s with {s['num_proc']} workers; writing shards {s['write_seconds']:.2f} s"
-             + (f"; tokenizer training {s['tokenizer_seconds']:.1f} s" if s["tokenizer_trained"] else "")
-             + f"; total {s['seconds']:.1f} s"]
-    for name, sp in s["splits"].items():
-        lines.append(f"  {name:5s}: {sp['num_documents']:,} documents, {sp['num_tokens']:,} tokens, "
-                     f"{sp['num_bytes']:,} bytes")
-    lines.append(f"  tokenizer: {s['tokenizer']} (sha256 {s['tokenizer_sha256'][:16]}...)")
-    sk = s["skipped"]
-    if sk["total"]:
-        lines.append(f"  skipped {sk['total']} inputs:")
-        for reason, n in sk["counts"].items():
-            lines.append(f"    {n:6d}  {reason}  (e.g. {', '.join(sk['examples'][reason][:3])})")
-    if sk["replaced_utf8_files"]:
-        lines.append(f"  {sk['replaced_utf8_files']} files had invalid UTF-8 replaced by U+FFFD")
-    return "\n".join(lines)
+def _tokenize(tasks: list, sources: list, opts: ReadOptions, tok: Tokenizer, dtype: str, folder: Path,
+              val: float | int, test: float | int, seed: int, num_proc: int, max_documents: int | None,
+              max_file_bytes: int, progress: bool, out: Path) -> dict[str, Any]:
+    """Encode ``tasks`` and write the splits of one part into ``folder``."""
+    from tqdm.auto import tqdm
 
-
-# ------------------------------------------------------------------------------ command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``cratelm prepare-data`` / data_prep/tokenize_corpus.py."""
-    add_input_arguments(p)
-    p.add_argument("--out", required=True, help="output corpus directory")
-    p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model or Hugging Face tokenizer.json to use (default: train a "
-                        "sentencepiece model on the inputs, see --vocab-size)")
-    p.add_argument("--val", default="0.005", help="validation split: a fraction (0.005) or a document count (50)")
-    p.add_argument("--test", default="0", help="test split: a fraction or a document count (default none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (and of the tokenizer's line sample)")
-    p.add_argument("--num-proc", type=int, default=min(os.cpu_count() or 1, 8), help="tokenizer workers")
-    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto", help="token dtype in .bin")
-    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents (trials)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_training_arguments(p)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Prepare a corpus from parsed ``args``; print the summary."""
+    folder.mkdir(parents=True)
+    writers = {n: SplitWriter(folder, n, dtype, max_file_bytes // np.dtype(dtype).itemsize)
+               for n, size in zip(SPLITS, (1, val, test)) if size}
+    splitter = Splitter(writers, val, test)
+    report = src_lib.SkipReport()
+    locate = SkipLocator(sources, report)
+    total = sum(t.nbytes for t in tasks)
+    bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"tokenize -> {out}", disable=not progress,
+               dynamic_ncols=True)
+    expanded = (sub for t in tasks for sub in (dataset_tasks(t, sources, opts) if t.pieces[0][1] < 0 else [t]))
+    docs = tokens = 0
+    t_enc = time.perf_counter()
     try:
-        summary = prepare_corpus(
-            args.inputs, args.out, args.tokenizer, corpus=args.corpus, val=args.val, test=args.test,
-            seed=args.seed, num_proc=args.num_proc, text_key=args.text_key, one_doc_per_line=args.one_doc_per_line,
-            on_bad_utf8=args.on_bad_utf8, dtype=args.dtype, max_documents=args.max_documents,
-            hub_split=args.hub_split, hub_config=args.hub_config, vocab_size=args.vocab_size,
-            model_type=args.model_type, progress=args.progress,
-            tokenizer_options={"character_coverage": args.character_coverage, "special_tokens": args.special_tokens,
-                               "input_sentence_size": args.input_sentence_size, "split_digits": args.split_digits,
-                               "num_threads": args.tokenizer_threads})
-    except (src_lib.BadInputError, TokenizerMismatchError, ValueError, OSError, RuntimeError) as e:
-        print(f"prepare-data: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return 0
+        for task, enc in encode_tasks(expanded, sources, opts, tok.path, dtype, seed, num_proc):
+            locate.add(task, enc.found)
+            ids, lens, nbytes, draws = enc.ids, enc.lens, enc.nbytes, enc.draw
+            if max_documents is not None and docs + len(lens) >= max_documents:
+                keep = max_documents - docs
+                ids, lens, nbytes, draws = ids[: int(lens[:keep].sum())], lens[:keep], nbytes[:keep], draws[:keep]
+            splitter.add(ids, lens, nbytes, draws)
+            docs, tokens = docs + len(lens), tokens + len(ids)
+            bar.update(task.nbytes or int(nbytes.sum()))
+            bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
+            if max_documents is not None and docs >= max_documents:
+                break
+        splitter.finish()
+        splits = {n: w.close() for n, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    t_enc = time.perf_counter() - t_enc
+    if docs == 0:
+        raise src_lib.BadInputError(f"no documents to tokenize: {report.total} skipped {report.counts} "
+                                    f"(first: {report.examples})")
+    for name in [n for n, s in splits.items() if not s["num_documents"]]:
+        for f in folder.glob(f"{name}.*"):
+            f.unlink()
+        del splits[name]
+    nbytes_total = sum(s["num_bytes"] for s in splits.values())
+    return {"documents": docs, "tokens": tokens, "bytes": nbytes_total, "splits": splits, "report": report,
+            "tokenize_seconds": t_enc, "tokens_per_s": tokens / t_enc if t_enc else 0.0,
+            "mb_per_s": nbytes_total / 1e6 / t_enc if t_enc else 0.0}

@@ -25,7 +25,7 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _mix_array(x: np.ndarray) -> np.ndarray:
+def mix_array(x: np.ndarray) -> np.ndarray:
     """`mix64` on a uint64 array (numpy's uint64 arithmetic wraps mod 2^64)."""
     x = x ^ (x >> np.uint64(30))
     x = x * np.uint64(0xBF58476D1CE4E5B9)
@@ -60,9 +60,9 @@ class FeistelPermutation:
         keys = self._keys[::-1] if inverse else self._keys
         for k in keys:
             if inverse:
-                left, right = right ^ (_mix_array(left ^ k) & self._mask), left
+                left, right = right ^ (mix_array(left ^ k) & self._mask), left
             else:
-                left, right = right, left ^ (_mix_array(right ^ k) & self._mask)
+                left, right = right, left ^ (mix_array(right ^ k) & self._mask)
         return (left << h) | right
 
     def _walk(self, idx: np.ndarray | list[int] | int, inverse: bool) -> np.ndarray:

@@ -12,7 +12,6 @@ most ``input_sentence_size`` lines: the same inputs give the same model file, by
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import os
@@ -27,6 +26,7 @@ import sentencepiece as spm
 
 from cratelm.data import sources as src_lib
 from cratelm.data.indexed import atomic_path
+from cratelm.data.reading import ReadOptions, iter_documents, plan_tasks, sample_tasks
 from cratelm.utils import file_sha256  # noqa: F401  (also imported from here)
 
 LOSSLESS_OPTIONS: dict[str, Any] = {
@@ -39,6 +39,7 @@ LOSSLESS_OPTIONS: dict[str, Any] = {
 LINE_SYMBOLS = ["\n", "\t"]
 META_SYMBOL = "\u2581"   # sentencepiece's visible space, a character like any other in our texts
 MODEL_TYPES = ("bpe", "unigram")
+CONTROL_PIECES = {"<unk>": "unknown", "<s>": "BOS", "</s>": "EOS"}
 
 
 class Tokenizer:
@@ -186,45 +187,52 @@ def sample_lines(docs: Iterable[str], cap: int, seed: int = 0) -> tuple[list[str
 def train_tokenizer(inputs: list[Any] | None, out_prefix: str, vocab_size: int = 8192, model_type: str = "bpe", *,
                     corpus: str | None = None, text_key: str = "text", one_doc_per_line: bool = False,
                     on_bad_utf8: str = "skip", hub_split: str = "train", hub_config: str | None = None,
-                    report: src_lib.SkipReport | None = None, **options: Any) -> Tokenizer:
-    """Train a lossless sentencepiece model on files / directories / globs / ``hf:NAME`` /
-    Dataset objects (``inputs``) and/or an embedded ``corpus`` (see cratelm/data/sources.py);
-    write ``out_prefix.model`` and ``out_prefix.vocab``; return the `Tokenizer`. ``options``
-    go to `train_tokenizer_on_texts`; skipped inputs are counted in ``report``."""
+                    sample_bytes: int | None = 256 << 20, report: src_lib.SkipReport | None = None,
+                    **options: Any) -> Tokenizer:
+    """Train a lossless sentencepiece model on a seeded sample of about ``sample_bytes`` (None:
+    all) of files / directories / globs / ``hf:NAME`` / Dataset objects (``inputs``) and/or an
+    embedded ``corpus`` (see cratelm/data/sources.py); write ``out_prefix.model`` and
+    ``out_prefix.vocab``; return the `Tokenizer`. ``options`` go to `train_tokenizer_on_texts`;
+    skipped inputs are counted in ``report``."""
     report = report if report is not None else src_lib.SkipReport()
+    opts = ReadOptions(text_key, one_doc_per_line, on_bad_utf8)
     sources = src_lib.resolve_inputs(inputs, corpus, hub_split=hub_split, hub_config=hub_config)
-    docs = src_lib.iter_documents(sources, text_key=text_key, one_doc_per_line=one_doc_per_line,
-                                  on_bad_utf8=on_bad_utf8, report=report)
-    try:
-        return train_tokenizer_on_texts(docs, out_prefix, vocab_size, model_type, **options)
-    except src_lib.BadInputError as e:
-        if not report.total:
-            raise
-        raise src_lib.BadInputError(f"{e}: {report.total} inputs skipped {report.counts} "
-                                    f"(first: {report.examples})") from None
+    tasks = sample_tasks(plan_tasks(sources, opts, report), sample_bytes, options.get("seed", 0))
+    docs = iter_documents(tasks, sources, opts, report, sample_bytes)
+    return train_tokenizer_on_texts(docs, out_prefix, vocab_size, model_type, report=report, **options)
 
 
 def train_tokenizer_on_texts(texts: Iterable[str], out_prefix: str, vocab_size: int = 8192, model_type: str = "bpe",
                              *, character_coverage: float = 0.9995, special_tokens: list[str] | None = None,
                              input_sentence_size: int = 1_000_000, max_sentence_length: int = 16384,
                              split_digits: bool = True, seed: int = 0, num_threads: int = 2,
-                             verbose: bool = False) -> Tokenizer:
+                             verbose: bool = False, name: str | None = None,
+                             report: src_lib.SkipReport | None = None) -> Tokenizer:
     """Train a lossless sentencepiece model on documents ``texts``; write ``out_prefix.model``
     and ``out_prefix.vocab`` (the .model last, each renamed into place when complete).
 
     ``special_tokens`` become user-defined symbols (always one token, also inside text).
     ``input_sentence_size`` caps the training lines (a seeded sample) for big corpora.
-    The same texts and options give the same model file, byte for byte.
+    The same texts and options give the same model file, byte for byte. ``name``: the model's
+    path in messages (its final place, when ``out_prefix`` is temporary); ``report``: the
+    inputs skipped so far, named in the error when no text is left.
     """
+    name = name or f"{out_prefix}.model"
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r}: expected one of {MODEL_TYPES}")
+    reserved = [t for t in special_tokens or [] if t in CONTROL_PIECES]
+    if reserved:
+        raise ValueError(f"--special-tokens {reserved[0]!r}: that is sentencepiece's own "
+                         f"{CONTROL_PIECES[reserved[0]]} piece (already in every model); choose another name")
     symbols = LINE_SYMBOLS + [t for t in (special_tokens or []) if t not in LINE_SYMBOLS]
     if vocab_size < 256 + 3 + len(symbols):
         raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 pieces + 3 special "
                          f"+ {len(symbols)} user-defined symbols")
     lines, seen = sample_lines(texts, input_sentence_size, seed)
     if not lines:
-        raise src_lib.BadInputError(f"no text to train the tokenizer {out_prefix}.model on")
+        why = (f": {report.total} inputs skipped {report.counts} (first: {report.examples})"
+               if report is not None and report.total else "")
+        raise src_lib.BadInputError(f"no text to train the tokenizer {name} on{why}")
     out = Path(out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     options = dict(LOSSLESS_OPTIONS, model_type=model_type, vocab_size=vocab_size, user_defined_symbols=symbols,
@@ -238,9 +246,11 @@ def train_tokenizer_on_texts(texts: Iterable[str], out_prefix: str, vocab_size: 
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece could not train {out}.model (vocab_size={vocab_size}, "
+        raise ValueError(f"sentencepiece could not train {name} (vocab_size={vocab_size}, "
                          f"{len(lines)} lines, {model_type}): {e}") from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    if sp.eos_id() < 0:        # checked before anything is written
+        raise ValueError(f"{name}: the trained model has no EOS piece")
     escape = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"})
     vocab = "".join(f"{sp.id_to_piece(i).translate(escape)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     with atomic_path(f"{out}.vocab") as tmp:      # the piece list, for people
@@ -248,61 +258,3 @@ def train_tokenizer_on_texts(texts: Iterable[str], out_prefix: str, vocab_size: 
     with atomic_path(f"{out}.model") as tmp:      # .model last: its presence marks a finished training
         tmp.write_bytes(model.getvalue())
     return Tokenizer(f"{out}.model")
-
-
-# ------------------------------------------------------------------------------ command line
-def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """Input selection flags shared by train-tokenizer and prepare-data."""
-    p.add_argument("inputs", nargs="*", help="files, directories, globs (quoted), or hf:NAME hub datasets")
-    p.add_argument("--corpus", choices=src_lib.CORPORA, default=None,
-                   help="an embedded corpus: python-stdlib = this Python's standard library .py files")
-    p.add_argument("--text-key", default="text", help="field / column holding the text in jsonl, json, parquet")
-    p.add_argument("--one-doc-per-line", action="store_true", help="in text files, each line is a document")
-    p.add_argument("--on-bad-utf8", choices=src_lib.BAD_UTF8_POLICIES, default="skip",
-                   help="a file that is not UTF-8: skip it (counted), replace bad bytes by U+FFFD, or fail")
-    p.add_argument("--hub-split", default="train", help="split of hf:NAME datasets")
-    p.add_argument("--hub-config", default=None, help="config name of hf:NAME datasets")
-
-
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """Tokenizer training flags shared by train-tokenizer and prepare-data."""
-    p.add_argument("--vocab-size", type=int, default=8192, help="pieces in the vocabulary (default 8192)")
-    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
-                   help="share of characters covered by pieces; the rest fall back to bytes")
-    p.add_argument("--special-tokens", nargs="*", default=[], metavar="TOKEN",
-                   help="user-defined symbols, always one token each (e.g. '<|im_start|>')")
-    p.add_argument("--input-sentence-size", type=int, default=1_000_000,
-                   help="train on a seeded sample of at most this many lines")
-    p.add_argument("--no-split-digits", dest="split_digits", action="store_false",
-                   help="let pieces hold several digits (default: one digit per piece)")
-    p.add_argument("--tokenizer-threads", type=int, default=2, help="sentencepiece trainer threads")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``cratelm train-tokenizer`` / data_prep/train_tokenizer.py."""
-    add_input_arguments(p)
-    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    add_training_arguments(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the line sample")
-    p.add_argument("--verbose", action="store_true", help="show sentencepiece's training log")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train a tokenizer from parsed ``args``; print what was made."""
-    report = src_lib.SkipReport()
-    try:
-        tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.model_type, corpus=args.corpus,
-                              character_coverage=args.character_coverage, special_tokens=args.special_tokens,
-                              input_sentence_size=args.input_sentence_size, split_digits=args.split_digits,
-                              seed=args.seed, num_threads=args.tokenizer_threads, text_key=args.text_key,
-                              one_doc_per_line=args.one_doc_per_line, on_bad_utf8=args.on_bad_utf8,
-                              hub_split=args.hub_split, hub_config=args.hub_config, report=report,
-                              verbose=args.verbose)
-    except (src_lib.BadInputError, ValueError, FileNotFoundError) as e:
-        print(f"train-tokenizer: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {tok.path} (vocab {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.sha256})")
-    if report.total:
-        print(f"skipped {report.total} inputs: {report.counts} (first: {report.examples})")
-    return 0

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,11 +17,12 @@ import pytest
 
 from cratelm.data import IndexedTokens, ShardFormatError, Tokenizer
 from cratelm.data.indexed import choose_dtype
-from cratelm.data.prepare import TokenizerMismatchError, prepare_corpus, split_counts
+from cratelm.data.prepare import TokenizerMismatchError, prepare_corpus
 from cratelm.data.sources import BadInputError
 from cratelm.data.tokenizer import train_tokenizer_on_texts
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+PART = "part-00000-of-00001"
 
 DOCS = [
     f"doc {i}: Ünïcödé ✓ 😀 中文\n\tindented with a tab\ntrailing spaces   \n\n\nblank lines above\n"
@@ -43,18 +45,28 @@ def write_docs(folder: pathlib.Path, docs: list[str]) -> pathlib.Path:
 
 
 def read_shard_numpy(bin_path: pathlib.Path):
-    """The reader of docs/data-format.md, written from the document, numpy only."""
-    meta = json.loads((bin_path.parent / "meta.json").read_text())
-    idx = bin_path.with_suffix(".idx").read_bytes()
-    assert idx[:8] == b"CRLMIDX\x00"
-    version, code = np.frombuffer(idx, "<u4", 2, 8)
-    (n_docs,) = np.frombuffer(idx, "<u8", 1, 16)
-    assert version == 1 and len(idx) == 32 + 8 * (int(n_docs) + 1)
-    dtype = {2: "<u2", 4: "<u4"}[int(code)]
-    offsets = np.frombuffer(idx, "<i8", int(n_docs) + 1, 32)
-    tokens = np.fromfile(bin_path, dtype=dtype)
-    assert offsets[0] == 0 and len(tokens) == offsets[-1]
-    return meta, tokens, offsets, dtype
+    """The reader of docs/data-format.md, written from the document, numpy only: split NAME of
+    the corpus beside ``bin_path`` (``OUT/NAME.bin``), its parts' files put back in order."""
+    out, name = bin_path.parent, bin_path.stem
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format_version"] == 2
+    tokens, offsets, dtype = [], [np.zeros(1, np.int64)], None
+    for part in meta["parts"]:
+        info = json.loads((out / part / "part.json").read_text())["splits"].get(name)
+        if info is None:
+            continue
+        idx = (out / part / info["index"]).read_bytes()
+        assert idx[:8] == b"CRLMIDX\x00"
+        version, code = np.frombuffer(idx, "<u4", 2, 8)
+        (n_docs,) = np.frombuffer(idx, "<u8", 1, 16)
+        assert version == 1 and len(idx) == 32 + 8 * (int(n_docs) + 1)
+        dtype = {2: "<u2", 4: "<u4"}[int(code)]
+        part_tokens = np.concatenate([np.fromfile(out / part / f["file"], dtype=dtype) for f in info["files"]])
+        local = np.frombuffer(idx, "<i8", int(n_docs) + 1, 32)
+        assert local[0] == 0 and len(part_tokens) == local[-1]
+        offsets.append(local[1:] + sum(map(len, tokens)))
+        tokens.append(part_tokens)
+    return meta, np.concatenate(tokens), np.concatenate(offsets), dtype
 
 
 def decoded_docs(out: pathlib.Path, split: str, tok: Tokenizer) -> list[str]:
@@ -73,7 +85,7 @@ def test_round_trip_format_and_counts(tmp_path, tok_path):
     assert tok.sha256 == Tokenizer(tok_path).sha256
     got = {name: decoded_docs(out, name, tok) for name in ("train", "val", "test")}
     assert sorted(sum(got.values(), [])) == sorted(DOCS)          # every document back, exactly
-    assert [len(got[n]) for n in ("train", "val", "test")] == [33, 4, 3]
+    assert len(got["test"]) == 3 and 1 <= len(got["val"]) <= 10        # val: each document with p = 0.1
     meta = json.loads((out / "meta.json").read_text())
     total_tokens = total_docs = 0
     for name in ("train", "val", "test"):
@@ -93,6 +105,8 @@ def test_round_trip_format_and_counts(tmp_path, tok_path):
     assert meta["vocab_size"] == tok.vocab_size and meta["tokenizer"] == "tokenizer.model"
     assert meta["tokenizer_sha256"] == tok.sha256 and meta["inputs"] == [str(tmp_path / "in")]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in (out / "part-00000-of-00001").iterdir()) == [
+        "part.json", "test.00000.bin", "test.idx", "train.00000.bin", "train.idx", "val.00000.bin", "val.idx"]
 
 
 def test_script_writes_what_numpy_reads(tmp_path, tok_path):
@@ -116,8 +130,9 @@ def test_splits_deterministic_disjoint_and_num_proc_independent(tmp_path, tok_pa
     prepare_corpus(src, tmp_path / "a", tok_path, seed=1, num_proc=1, **kw)
     prepare_corpus(src, tmp_path / "b", tok_path, seed=1, num_proc=2, **kw)
     prepare_corpus(src, tmp_path / "c", tok_path, seed=2, **kw)
-    for f in ("train.bin", "train.idx", "val.bin", "val.idx", "test.bin", "test.idx", "meta.json"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    for f in ("train.00000.bin", "train.idx", "val.00000.bin", "val.idx", "test.00000.bin", "test.idx", "part.json"):
+        assert (tmp_path / "a" / PART / f).read_bytes() == (tmp_path / "b" / PART / f).read_bytes(), f
+    assert (tmp_path / "a" / "meta.json").read_bytes() == (tmp_path / "b" / "meta.json").read_bytes()
     tok = Tokenizer(tok_path)
     a = {n: decoded_docs(tmp_path / "a", n, tok) for n in ("train", "val", "test")}
     c = {n: decoded_docs(tmp_path / "c", n, tok) for n in ("train", "val", "test")}
@@ -127,14 +142,22 @@ def test_splits_deterministic_disjoint_and_num_proc_independent(tmp_path, tok_pa
     assert a["train"] == [d for d in DOCS if d in set(a["train"])]   # corpus order kept
 
 
-def test_split_counts():
-    assert split_counts(1000, 0.005) == {"val": 5, "test": 0, "train": 995}
-    assert split_counts(10, 0.005, 2) == {"val": 1, "test": 2, "train": 7}     # a fraction gives >= 1
-    assert split_counts(10, "3", "0.2") == {"val": 3, "test": 2, "train": 5}
+def test_split_sizes_by_fraction_and_count(tmp_path, tok_path):
+    """A fraction draws each document with that probability (from its own hash: the same on every
+    machine); a count holds out exactly that many documents, the rest stays in input order."""
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(2000)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    s = prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "f", tok_path, val=0.05, test=0.1, progress=False)
+    assert abs(s["splits"]["val"]["num_documents"] - 100) < 35 and abs(s["splits"]["test"]["num_documents"] - 200) < 45
+    s = prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "c", tok_path, val="7", test=5, progress=False)
+    assert [s["splits"][n]["num_documents"] for n in ("train", "val", "test")] == [1988, 7, 5]
+    tok = Tokenizer(tok_path)
+    val, test = decoded_docs(tmp_path / "c", "val", tok), decoded_docs(tmp_path / "c", "test", tok)
+    assert val == sorted(val, key=lambda d: int(d.split()[1])) and not set(val) & set(test)
     with pytest.raises(ValueError, match="leave no training documents"):
-        split_counts(4, 2, 2)
+        prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "x", tok_path, val=0.5, test=0.5)
     with pytest.raises(ValueError, match="fraction"):
-        split_counts(4, 1.5)
+        prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "x", tok_path, val=1.5)
 
 
 def test_formats_dataset_and_hub(tmp_path, tok_path, monkeypatch):
@@ -145,8 +168,8 @@ def test_formats_dataset_and_hub(tmp_path, tok_path, monkeypatch):
     (tmp_path / "a.json").write_text(json.dumps([{"text": DOCS[0]}, {"text": DOCS[1]}]))
     pq.write_table(pa.table({"text": DOCS[2:4]}), tmp_path / "b.parquet")
     (tmp_path / "c.txt").write_bytes(b"line one\r\nline two\n\n\nline three")
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, num_proc=None:
-                        datasets.Dataset.from_dict({"text": [f"{name}/{config}/{split}"]}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming:
+                        datasets.Dataset.from_dict({"text": [f"{name}/{config}/{split}"]}).to_iterable_dataset())
     ds = datasets.Dataset.from_dict({"text": DOCS[4:6]})
     out = tmp_path / "out"
     s = prepare_corpus([str(tmp_path / "a.json"), str(tmp_path / "b.parquet"), str(tmp_path / "c.txt"), ds,
@@ -154,7 +177,7 @@ def test_formats_dataset_and_hub(tmp_path, tok_path, monkeypatch):
                        progress=False)
     assert decoded_docs(out, "train", Tokenizer(tok_path)) == DOCS[:4] + [
         "line one", "line two", "line three"] + DOCS[4:6] + ["org/name/cfg/train"]
-    assert s["documents"] == 10 and not (out / "val.bin").exists()
+    assert s["documents"] == 10 and "val" not in json.loads((out / "meta.json").read_text())["splits"]
 
 
 def test_bad_inputs_are_reported_not_fatal(tmp_path, tok_path):
@@ -181,17 +204,17 @@ def test_bad_inputs_are_reported_not_fatal(tmp_path, tok_path):
 
     s = prepare_corpus([str(d / "latin1.txt"), str(d / "000.txt")], tmp_path / "rep", tok_path, val=0,
                        on_bad_utf8="replace", progress=False)
-    assert s["documents"] == 2 and s["skipped"]["replaced_utf8_files"] == 1
+    assert s["documents"] == 2 and s["skipped"]["replaced_utf8"] == 1
     assert "caf\ufffd ol\ufffd" in decoded_docs(tmp_path / "rep", "train", Tokenizer(tok_path))
 
     with pytest.raises(BadInputError, match=r"latin1.txt: not valid UTF-8 at byte 3"):
         prepare_corpus([str(d)], tmp_path / "fail", tok_path, on_bad_utf8="fail", progress=False)
-    assert not [p for p in (tmp_path / "fail").iterdir()]            # nothing left behind
+    assert not (tmp_path / "fail").exists()            # nothing left behind, not even an empty --out
 
     with pytest.raises(BadInputError, match=r"input not found: .*missing\.txt.*nothing\*\.txt"):
         prepare_corpus([str(d / "missing.txt"), str(tmp_path / "nothing*.txt")], tmp_path / "m", tok_path)
     assert not (tmp_path / "m").exists()
-    with pytest.raises(BadInputError, match="no documents"):
+    with pytest.raises(BadInputError, match="no usable input: 1 inputs skipped {'empty file': 1}"):
         prepare_corpus([str(d / "empty.txt")], tmp_path / "e", tok_path, progress=False)
     assert not (tmp_path / "e" / "meta.json").exists()
 
@@ -206,12 +229,12 @@ def test_tokenizer_mismatch_refused_and_rerun(tmp_path, tok_path):
     src = [str(write_docs(tmp_path / "in", DOCS))]
     out = tmp_path / "out"
     prepare_corpus(src, out, tok_path, progress=False)
-    before = (out / "train.bin").read_bytes()
+    before = (out / PART / "train.00000.bin").read_bytes()
     other = train_tokenizer_on_texts(DOCS[:10], str(tmp_path / "other"), vocab_size=330)
     with pytest.raises(TokenizerMismatchError) as e:
         prepare_corpus(src, out, other.path, progress=False)
     assert Tokenizer(tok_path).sha256 in str(e.value) and other.sha256 in str(e.value)
-    assert (out / "train.bin").read_bytes() == before and (out / "meta.json").exists()
+    assert (out / PART / "train.00000.bin").read_bytes() == before and (out / "meta.json").exists()
     # the same tokenizer (here: the corpus' own copy) may rewrite it, with other splits
     prepare_corpus(src, out, str(out / "tokenizer.model"), val=2, test=2, progress=False)
     assert IndexedTokens(out, "test").num_documents == 2
@@ -226,14 +249,18 @@ def test_failure_midway_leaves_no_complete_looking_corpus(tmp_path, tok_path, mo
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(prep, "write_splits", boom)
+    monkeypatch.setattr(prep, "_install_part", boom)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_corpus(src, out, tok_path, progress=False)
+    assert not out.exists()                                      # it made --out: it removes it
+    out.mkdir()
     with pytest.raises(OSError, match="disk full"):
         prepare_corpus(src, out, tok_path, progress=False)
     assert sorted(p.name for p in out.iterdir()) == []
     with pytest.raises(ShardFormatError, match="not a complete prepared corpus"):
         IndexedTokens(out / "train.bin")
     monkeypatch.undo()
-    prepare_corpus(src, out, tok_path, progress=False)           # a rerun works
+    prepare_corpus(src, out, tok_path, val=0.1, progress=False)  # a rerun works
     assert IndexedTokens(out).num_documents + IndexedTokens(out, "val").num_documents == 40
 
 
@@ -245,11 +272,11 @@ def test_killed_run_leaves_previous_state_and_rerun_works(tmp_path, tok_path, ex
     out = tmp_path / "out"
     if existing:
         prepare_corpus([str(src)], out, tok_path, val=5, progress=False)
-        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     script = textwrap.dedent(f"""
         import time, sys
         sys.path.insert(0, {str(REPO)!r})
-        from cratelm.data import prepare, tokenizer
+        from cratelm.data import prepare, reading, tokenizer
         orig = tokenizer.Tokenizer.encode_documents
         calls = []
         def slow(self, texts):
@@ -259,8 +286,8 @@ def test_killed_run_leaves_previous_state_and_rerun_works(tmp_path, tok_path, ex
             time.sleep(0.2)
             return orig(self, texts)
         tokenizer.Tokenizer.encode_documents = slow
-        prepare._BATCH_CHARS = 1
-        prepare.prepare_corpus([{str(src)!r}], {str(out)!r}, {tok_path!r}, progress=False)
+        reading.CHUNK_BYTES = 1                # one task per file
+        prepare.prepare_corpus([{str(src)!r}], {str(out)!r}, {tok_path!r}, progress=False, num_proc=1)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -273,16 +300,16 @@ def test_killed_run_leaves_previous_state_and_rerun_works(tmp_path, tok_path, ex
     finally:
         if proc.poll() is None:
             proc.kill()
-    partial = out / f".partial-{proc.pid}"
-    assert [p.name for p in partial.iterdir()] == [f".all.bin.tmp-{proc.pid}"]
+    partial = out / f".partial-{socket.gethostname()}-{proc.pid}"
+    assert [p.name for p in partial.iterdir()] == [PART]         # the unfinished part, no part.json
+    assert sorted(p.name for p in (partial / PART).iterdir()) == ["train.00000.bin", "train.idx", "val.idx"]
     if existing:
-        assert {p.name: p.read_bytes() for p in out.iterdir() if p != partial} == before
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and partial not in p.parents} == before
         assert IndexedTokens(out, "val").num_documents == 5
     else:
         assert list(out.iterdir()) == [partial]               # only the temporary directory
     prepare_corpus([str(src)], out, tok_path, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.model", "tokenizer.vocab",
-                                                      "train.bin", "train.idx", "val.bin", "val.idx"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", PART, "tokenizer.model", "tokenizer.vocab"]
 
 
 def test_python_stdlib_subset_is_deterministic(tmp_path):
@@ -290,7 +317,7 @@ def test_python_stdlib_subset_is_deterministic(tmp_path):
     a = prepare_corpus(None, tmp_path / "a", **kw)
     prepare_corpus(None, tmp_path / "b", num_proc=2, **kw)
     assert a["documents"] == 25 and a["tokenizer_trained"]
-    for f in ("tokenizer.model", "train.bin", "train.idx", "val.bin", "val.idx", "meta.json"):
+    for f in ("tokenizer.model", f"{PART}/train.00000.bin", f"{PART}/train.idx", f"{PART}/val.idx", "meta.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["inputs"][0]["corpus"] == "python-stdlib"
@@ -303,7 +330,7 @@ def test_scripts_stdlib_and_train_tokenizer(tmp_path):
     """The thin scripts run end to end (the stdlib one on a subset: --max-documents)."""
     out = tmp_path / "stdlib"
     r = subprocess.run([sys.executable, str(REPO / "data_prep/prepare_stdlib.py"), "--out", str(out),
-                        "--max-documents", "20", "--vocab-size", "600", "--no-progress", "--json"],
+                        "--max-documents", "20", "--val", "1", "--vocab-size", "600", "--no-progress", "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
