@@ -19,6 +19,7 @@ known: raw text, and shards whose meta.json records it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -65,20 +66,20 @@ def score_stream(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, cont
     """(sum of NLL in nats as float64, tokens scored) over this rank's share of the windows."""
     from tqdm import tqdm
 
-    spans = list(windows(len(tokens), context, stride))[rank::world]
-    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    # windows are listed and read lazily: a memory-mapped shard is never copied whole
+    spans = itertools.islice(windows(len(tokens), context, stride), rank, None, world)
     total, count = 0.0, 0
     autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-    bar = tqdm(total=len(spans), desc="eval windows", unit="win", disable=not progress, leave=False)
-    for i in range(0, len(spans), batch_size):
-        chunk = spans[i:i + batch_size]
+    bar = tqdm(desc="eval windows", unit="win", disable=not progress, leave=False)
+    while chunk := list(itertools.islice(spans, batch_size)):
         width = max(end - begin for begin, end, _ in chunk)
         x = torch.zeros(len(chunk), width, dtype=torch.long)
         y = torch.full((len(chunk), width), -1, dtype=torch.long)       # -1: not scored
         for row, (begin, end, first) in enumerate(chunk):
             n = end - begin
-            x[row, :n] = stream[begin:end]
-            y[row, first:n] = stream[begin + 1 + first:end + 1]
+            window = torch.from_numpy(np.asarray(tokens[begin:end + 1], dtype=np.int64))
+            x[row, :n] = window[:n]
+            y[row, first:n] = window[1 + first:n + 1]
         x, y = x.to(device), y.to(device)
         with autocast:
             h = model.hidden(x).flatten(0, 1)                     # (B*T, d)
@@ -126,7 +127,7 @@ def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int
         if want and have and want != have:
             raise ValueError(f"{path} was tokenized with a tokenizer of sha256 {have}, but the model's tokenizer "
                              f"has sha256 {want}; re-tokenize the data with the model's tokenizer")
-        return np.asarray(shard.tokens), shard.meta["splits"][shard.name].get("num_bytes"), str(p)
+        return shard.tokens, shard.meta["splits"][shard.name].get("num_bytes"), str(p)   # lazy: sliced per window
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such shard or text file")
     if tokenizer is None:
@@ -140,6 +141,11 @@ def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int
     return np.asarray(ids, dtype=np.int64), len(raw), str(p)
 
 
+def _max_id(tokens, block: int = 1 << 24) -> int:
+    """The largest id of a token array or memory-mapped stream, read a block at a time."""
+    return max((int(np.max(tokens[i:i + block])) for i in range(0, len(tokens), block)), default=0)
+
+
 def evaluate(model: torch.nn.Module, data: list[str], model_meta: dict, tokenizer=None, stride: int | None = None,
              batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32,
              progress: bool = True) -> list[EvalResult]:
@@ -149,8 +155,8 @@ def evaluate(model: torch.nn.Module, data: list[str], model_meta: dict, tokenize
     results = []
     for path in data:
         tokens, n_bytes, label = load_tokens(path, tokenizer, model_meta)
-        if tokens.max(initial=0) >= model.cfg.padded_vocab:
-            raise ValueError(f"{path} holds token id {int(tokens.max())} but the model's vocabulary has "
+        if (top := _max_id(tokens)) >= model.cfg.padded_vocab:
+            raise ValueError(f"{path} holds token id {top} but the model's vocabulary has "
                              f"{model.cfg.padded_vocab} rows")
         nll, n = score_stream(model, tokens, C, stride or C, batch_size, device, dtype, rank, world,
                               progress and rank == 0)
