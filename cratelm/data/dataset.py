@@ -187,13 +187,18 @@ class BatchSampler:
         """Window indices of this rank's next micro-batch (does not advance)."""
         return self.global_indices(self.consumed_samples + self.dp_rank * self.micro_batch, self.micro_batch)
 
-    def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next micro-batch (x, y) as int64 tensors (micro_batch, T); advances the
-        state by one micro-step of all ranks (micro_batch x dp_size global samples)."""
-        import torch
-
+    def next_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's next micro-batch (x, y) as int64 numpy arrays (micro_batch, T); advances
+        the state by one micro-step of all ranks (micro_batch x dp_size global samples)."""
         x, y = self.windows.get_batch(self.micro_batch_indices())
         self.consumed_samples += self.micro_step_samples
+        return x, y
+
+    def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`next_arrays` as int64 tensors."""
+        import torch
+
+        x, y = self.next_arrays()
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
