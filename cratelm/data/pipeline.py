@@ -55,15 +55,11 @@ def _init(sources: list[Source], opts: ReadOptions, tokenizer: str, dtype: str, 
 def encode_task(task: Task) -> Encoded:
     """Read and encode one task (in a worker, after `_init`)."""
     found = TaskDocs()
-    texts, nbytes, hashes, positions = [], [], [], []
-    for text, n, h, pos in read_task(task, _STATE["sources"], _STATE["opts"], found):
-        texts.append(text)
-        nbytes.append(n)
-        hashes.append(h)
-        positions.append(pos)
-    ids, lens = _STATE["tok"].encode_documents(texts) if texts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    draws = split_draws(_STATE["seed"], np.array(hashes, np.uint64), np.array(positions, np.int64))
-    return Encoded(ids.astype(_STATE["dtype"]), lens, np.array(nbytes, np.int64), draws, found)
+    docs = read_task(task, _STATE["sources"], _STATE["opts"], found)
+    empty = np.zeros(0, np.int64)
+    ids, lens = _STATE["tok"].encode_documents(docs.texts) if docs.texts else (empty, empty)
+    draws = split_draws(_STATE["seed"], np.array(docs.hashes, np.uint64), np.array(docs.positions, np.int64))
+    return Encoded(ids.astype(_STATE["dtype"]), lens, np.array(docs.nbytes, np.int64), draws, found)
 
 
 def encode_tasks(tasks: Iterable[Task], sources: list[Source], opts: ReadOptions, tokenizer: str, dtype: str,

@@ -183,34 +183,53 @@ def name_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def read_task(task: Task, sources: list[Source], opts: ReadOptions, out: TaskDocs) -> Iterator[tuple[str, int, int, int]]:
-    """The documents of ``task`` in order, as (text, UTF-8 bytes, source name hash, byte offset
-    or row); skips go to ``out``."""
+@dataclass
+class Docs:
+    """The documents of a task, in order: text, UTF-8 bytes, source name hash, byte offset or row."""
+
+    texts: list[str] = field(default_factory=list)
+    nbytes: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+
+
+def read_task(task: Task, sources: list[Source], opts: ReadOptions, out: TaskDocs) -> Docs:
+    """The documents of ``task``; skips go to ``out``."""
+    docs = Docs()
     for p, (i, start, stop) in enumerate(task.pieces):
         src = sources[i]
         h = name_hash(src.name)
-        if task.texts is not None:
-            docs = ((t, start + r, None, "row") for r, t in enumerate(task.texts))
-        elif src.kind == "parquet":
-            docs = _parquet_rows(src.name, start, stop, opts.text_key)
-        elif _line_based(src, opts):
-            docs = _lines(src, start, stop, opts, out, p)
-        else:
-            docs = _whole_file(src, opts, out, p)
-        for text, pos, line, where in docs:
+
+        def add(text: Any, pos: int, line: int | None, where: str) -> None:
             if not isinstance(text, str) or not text:
                 out.skips.append(Skip("empty or non-string value" if where == "row" else "empty document",
                                       p, line, f"row {pos}" if where == "row" else where))
-                continue
-            nbytes = _checked_len(text, opts.on_bad_utf8)
+                return
+            nbytes = len(text) if text.isascii() else _checked_len(text, opts.on_bad_utf8)
             if nbytes is None:
                 out.skips.append(Skip("lone surrogate (not encodable as UTF-8)", p, line,
                                       f"row {pos}" if where == "row" else where))
-                continue
+                return
             if nbytes < 0:
                 text, nbytes = _SURROGATES.sub("\ufffd", text), -nbytes
                 out.replaced += 1
-            yield text, nbytes, h, pos
+            docs.texts.append(text)
+            docs.nbytes.append(nbytes)
+            docs.hashes.append(h)
+            docs.positions.append(pos)
+
+        if task.texts is not None:
+            for r, t in enumerate(task.texts):
+                add(t, start + r, None, "row")
+        elif src.kind == "parquet":
+            for args in _parquet_rows(src.name, start, stop, opts.text_key):
+                add(*args)
+        elif _line_based(src, opts):
+            _lines(src, start, stop, opts, out, p, add)
+        else:
+            for args in _whole_file(src, opts, out, p):
+                add(*args)
+    return docs
 
 
 def _checked_len(text: str, on_bad_utf8: str) -> int | None:
@@ -241,28 +260,37 @@ def _decode(data: bytes, where: str, opts: ReadOptions, out: TaskDocs) -> str | 
         return data.decode("utf-8", errors="replace")
 
 
-def _lines(src: Source, start: int, stop: int, opts: ReadOptions, out: TaskDocs, p: int) -> Iterator[tuple]:
-    """Documents of the lines starting in [start, stop): (text, byte offset, line in piece, where)."""
+def _lines(src: Source, start: int, stop: int, opts: ReadOptions, out: TaskDocs, p: int, add: Any) -> None:
+    """``add`` the documents of the lines starting in [start, stop) (the hot loop of short documents)."""
     n = 0
+    jsonl, key, loads = src.kind == "jsonl", opts.text_key, json.loads
     with open(src.name, "rb") as f:
         f.seek(start - 1 if start else 0)
         if start:
             f.readline()                # the line holding byte start - 1 belongs to the piece before
         pos = f.tell()
-        while pos < stop:
-            raw = f.readline()
-            if not raw:
+        for raw in f:
+            if pos >= stop:
                 break
-            line = _decode(raw, f"{src.name}: line starting at byte {pos}", opts, out)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = _decode(raw, f"{src.name}: line starting at byte {pos}", opts, out)
             if line is None:
                 out.skips.append(Skip("not valid UTF-8", p, n))
-            elif src.kind == "jsonl":
-                if line.strip():
-                    yield from _json_record(line, src, opts, out, p, n, pos)
-            else:
-                text = line.rstrip("\n").removesuffix("\r")
-                if text:
-                    yield text, pos, n, ""
+            elif not jsonl:
+                add(line.rstrip("\n").removesuffix("\r") or None, pos, n, "") if line.strip("\r\n") else None
+            elif not line.isspace():
+                try:
+                    obj = loads(line)
+                except ValueError as e:
+                    out.skips.append(Skip("not JSON", p, n, f"({getattr(e, 'msg', e)})"))
+                else:
+                    if type(obj) is dict and type(text := obj.get(key)) is str and text:
+                        add(text, pos, n, "")
+                    else:
+                        for args in _record_text(obj, key, out, p, n, pos, ""):
+                            add(*args)
             pos += len(raw)
             n += 1
     out.piece_lines[p] = n
@@ -404,9 +432,9 @@ def iter_documents(tasks: list[Task], sources: list[Source], opts: ReadOptions, 
         taken = 0
         for sub in subtasks:
             found = TaskDocs()
-            for text, nbytes, _, _ in read_task(sub, sources, opts, found):
-                taken += nbytes
-                yield text
+            docs = read_task(sub, sources, opts, found)
+            taken += sum(docs.nbytes)
+            yield from docs.texts
             locate.add(sub, found)
             if max_bytes is not None and task.pieces[0][1] < 0 and taken >= max_bytes:
                 break

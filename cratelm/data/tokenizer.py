@@ -114,7 +114,7 @@ class Tokenizer:
             encoded = [self.encode(t) + [self.eos_id] for t in texts]
             lens = np.fromiter(map(len, encoded), np.int64, len(encoded))
             return np.fromiter(itertools.chain.from_iterable(encoded), np.int64, int(lens.sum())), lens
-        if self._split_lines:
+        if self._split_lines and any("\n" in t for t in texts):
             lines: list[str] = []
             per_doc = np.empty(len(texts), np.int64)
             for j, t in enumerate(texts):
