@@ -84,7 +84,7 @@ def throughput(tmp: Path, tok: Tokenizer, shape: str, docs: list[str], inputs: l
                 with open(path, "rb") as f:
                     yield from (json.loads(line)["text"] for line in f)
             else:
-                yield from (p.read_text(encoding="utf-8") for p in sorted(Path(path).iterdir()))
+                yield from (p.read_bytes().decode("utf-8") for p in sorted(Path(path).iterdir()))
 
     def loop() -> np.ndarray:
         ids: list[int] = []
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeat, args.short_docs, args.long_bytes, args.sampler = 1, 2000, 2e5, args.sampler or [1e6]
+        args.repeat, args.short_docs, args.long_bytes, args.sampler = 1, 500, 5e4, args.sampler or [1e6]
     tmp = Path(tempfile.mkdtemp(prefix="cratelm-bench-data-"))
     results: dict = {"cpus": os.cpu_count(), "load_at_start": os.getloadavg()[0]}
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at start")

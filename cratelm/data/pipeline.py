@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cratelm.data.indexed import DTYPES
-from cratelm.data.reading import ReadOptions, Task, TaskDocs, read_task
+from cratelm.data.reading import TaskDocs, read_task
+from cratelm.data.tasks import ReadOptions, Task
 from cratelm.data.sampling import mix_array, derive_key
 from cratelm.data.sources import Source
 from cratelm.data.tokenizer import Tokenizer

@@ -39,7 +39,8 @@ from cratelm.data import sources as src_lib
 from cratelm.data.indexed import (META_FILE, PART_FILE, SplitWriter, choose_dtype, part_name,
                                   write_json_atomic)
 from cratelm.data.pipeline import encode_tasks
-from cratelm.data.reading import ReadOptions, SkipLocator, dataset_tasks, iter_documents, plan_tasks, sample_tasks
+from cratelm.data.reading import SkipLocator, iter_documents
+from cratelm.data.tasks import ReadOptions, dataset_tasks, plan_tasks, sample_tasks
 from cratelm.data.tokenizer import Tokenizer, train_tokenizer_on_texts
 
 SPLITS = ("train", "val", "test")

@@ -24,7 +24,6 @@ import glob as globlib
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

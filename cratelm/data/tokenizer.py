@@ -26,7 +26,8 @@ import sentencepiece as spm
 
 from cratelm.data import sources as src_lib
 from cratelm.data.indexed import atomic_path
-from cratelm.data.reading import ReadOptions, iter_documents, plan_tasks, sample_tasks
+from cratelm.data.reading import iter_documents
+from cratelm.data.tasks import ReadOptions, plan_tasks, sample_tasks
 from cratelm.utils import file_sha256  # noqa: F401  (also imported from here)
 
 LOSSLESS_OPTIONS: dict[str, Any] = {

@@ -9,8 +9,8 @@ import random
 import subprocess
 import sys
 
-from cratelm.data import reading
-from cratelm.data.reading import ReadOptions, Task, plan_tasks, sample_tasks
+from cratelm.data import reading, tasks
+from cratelm.data.tasks import ReadOptions, Task, plan_tasks, sample_tasks
 from cratelm.data.sources import SkipReport, Source
 from cratelm.data.tokenizer import train_tokenizer
 
@@ -37,14 +37,14 @@ def test_sample_tasks_is_bounded_seeded_and_in_order():
 
 
 def test_tokenizer_reads_only_its_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(reading, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(tasks, "CHUNK_BYTES", 4096)
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(300)]
     lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) for i in range(2000)]
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(lines) + "\n")
     sources, opts = [Source("jsonl", str(src))], ReadOptions()
-    tasks = plan_tasks(sources, opts, SkipReport())
+    planned = plan_tasks(sources, opts, SkipReport())
     read = []
     original = reading.read_task
 
@@ -55,7 +55,7 @@ def test_tokenizer_reads_only_its_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(reading, "read_task", spy)
     t1 = train_tokenizer([str(src)], str(tmp_path / "a"), 300, sample_bytes=20_000, seed=3)
     assert 20_000 <= sum(t.nbytes for t in read) < 20_000 + 4096 < src.stat().st_size
-    assert set(read) < set(tasks)
+    assert set(read) < set(planned)
     t2 = train_tokenizer([str(src)], str(tmp_path / "b"), 300, sample_bytes=20_000, seed=3)
     assert t1.sha256 == t2.sha256                        # seeded: the same sample, the same model
     t3 = train_tokenizer([str(src)], str(tmp_path / "c"), 300, sample_bytes=20_000, seed=4)

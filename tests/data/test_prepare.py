@@ -276,7 +276,7 @@ def test_killed_run_leaves_previous_state_and_rerun_works(tmp_path, tok_path, ex
     script = textwrap.dedent(f"""
         import time, sys
         sys.path.insert(0, {str(REPO)!r})
-        from cratelm.data import prepare, reading, tokenizer
+        from cratelm.data import prepare, tasks, tokenizer
         orig = tokenizer.Tokenizer.encode_documents
         calls = []
         def slow(self, texts):
@@ -286,7 +286,7 @@ def test_killed_run_leaves_previous_state_and_rerun_works(tmp_path, tok_path, ex
             time.sleep(0.2)
             return orig(self, texts)
         tokenizer.Tokenizer.encode_documents = slow
-        reading.CHUNK_BYTES = 1                # one task per file
+        tasks.CHUNK_BYTES = 1                # one task per file
         prepare.prepare_corpus([{str(src)!r}], {str(out)!r}, {tok_path!r}, progress=False, num_proc=1)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from cratelm.data import BatchSampler, IndexedTokens, TokenWindows, reading
+from cratelm.data import BatchSampler, IndexedTokens, TokenWindows, tasks
 from cratelm.data.prepare import prepare_corpus
 from cratelm.data.tokenizer import train_tokenizer_on_texts
 from cratelm.data.verify import verify_corpus
@@ -34,7 +34,7 @@ def inputs(tmp_path_factory) -> tuple[list[str], str]:
 
 
 def test_parts_equal_one_go_token_for_token_and_in_the_sampler(tmp_path, inputs, monkeypatch):
-    monkeypatch.setattr(reading, "CHUNK_BYTES", 3000)                       # ~20 tasks
+    monkeypatch.setattr(tasks, "CHUNK_BYTES", 3000)                       # ~20 tasks
     srcs, tok = inputs
     kw = dict(val=0.1, test=0.05, progress=False, max_file_bytes=4000)       # files of 2000 tokens
     one = prepare_corpus(srcs, tmp_path / "one", tok, num_proc=2, **kw)
@@ -58,7 +58,7 @@ def test_parts_equal_one_go_token_for_token_and_in_the_sampler(tmp_path, inputs,
 
 
 def test_verify_finds_missing_and_corrupted_parts(tmp_path, inputs, monkeypatch):
-    monkeypatch.setattr(reading, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(tasks, "CHUNK_BYTES", 3000)
     srcs, tok = inputs
     for i in range(2):
         prepare_corpus(srcs, tmp_path / "c", tok, num_shards=2, shard_index=i, progress=False, max_file_bytes=4000)
