@@ -11,8 +11,9 @@ Usage (from the repository root):
 Inputs: .txt and other text files (one document per file, or per line with
 --one-doc-per-line), .jsonl / .json (--text-key), .parquet, directories, globs, hf:NAME.
 Without --tokenizer a tokenizer is trained on the same inputs first (--vocab-size ...).
-OUT/ gets train.bin/.idx, val.bin/.idx (test.* with --test), tokenizer.model, meta.json
-(format: docs/data-format.md). Prints a summary: documents, tokens, bytes, tokens/s, and
+OUT/ gets part-00000-of-00001/ (token files and indexes of train, val, test with --test),
+tokenizer.model, meta.json (format: docs/data-format.md); with --num-shards N --shard-index I
+one part of N (launch/prepare_array.sbatch runs them as a SLURM array). Prints a summary: documents, tokens, bytes, tokens/s, and
 the inputs skipped and why. Same as `cratelm prepare-data`.
 """
 

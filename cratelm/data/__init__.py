@@ -2,8 +2,9 @@
 
     from cratelm.data import Tokenizer, IndexedTokens, TokenWindows, BatchSampler
 
-Preparing corpora: `cratelm.data.prepare.prepare_corpus` (``cratelm prepare-data``); the
-shard format: docs/data-format.md.
+Preparing corpora: `cratelm.data.prepare.prepare_corpus` (``cratelm prepare-data``; reading
+in tasks.py and reading.py, workers in pipeline.py), checking them: `cratelm.data.verify`
+(``cratelm verify-data``), the command lines: cli.py; the format: docs/data-format.md.
 """
 
 from cratelm.data.dataset import BatchSampler, TokenWindows
