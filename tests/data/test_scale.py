@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
 
@@ -89,48 +90,13 @@ def test_2_to_the_33_token_corpus_opens_samples_and_resumes_fast(tmp_path):
     assert got["seconds"] < 10 and got["peak_rss"] < 200 * 2**20
 
 
-MONITOR = """
-import json, os, sys, threading, time
-from cratelm.data.prepare import prepare_corpus
-
-peak = [0]
-
-def rss(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-    except (OSError, StopIteration):
-        return 0
-
-def tree(pid):
-    kids = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            kids += [int(k) for k in open(f"/proc/{pid}/task/{tid}/children").read().split()]
-        except OSError:
-            pass
-    return [pid] + [p for k in kids for p in tree(k)]
-
-def watch():
-    while True:
-        peak[0] = max(peak[0], sum(rss(p) for p in tree(os.getpid())))
-        time.sleep(0.02)
-
-threading.Thread(target=watch, daemon=True).start()
-s = prepare_corpus([sys.argv[1]], sys.argv[2], sys.argv[3], num_proc=2, progress=False)
-time.sleep(0.05)
-print(json.dumps({"peak_tree_rss": peak[0], "documents": s["documents"], "tokens": s["tokens"],
-                  "seconds": s["seconds"]}))
-"""
-
-
 @pytest.mark.slow
 def test_preparing_a_1_gib_jsonl_stays_under_1_5_gib_resident(tmp_path):
     """1 GiB of JSON lines read, decoded and parsed line by line (the old reader held 3-5x the
     file); the text field of each line is a 2 KiB document, the rest of the line a 62 KiB field
     that is parsed but not tokenized (sentencepiece at ~3 MB/s per core would take minutes of CI
     for 1 GiB of text; docs/performance.md has the RSS of all-text inputs at 100 MB and 1 GB).
-    Resident memory is summed over the main process and its 2 workers, sampled every 20 ms."""
+    Resident memory is summed over the main process and its 2 workers, sampled every 50 ms."""
     from cratelm.data.tokenizer import train_tokenizer_on_texts
 
     words = ["alpha", "beta", "gamma", "über", "naïve", "✓", "def", "return", "x = 1", "the"]
@@ -142,10 +108,11 @@ def test_preparing_a_1_gib_jsonl_stays_under_1_5_gib_resident(tmp_path):
         for _ in range((1 << 30) // len(block) + 1):
             f.write(block)
     assert src.stat().st_size >= 1 << 30
-    r = subprocess.run([sys.executable, "-c", MONITOR, str(src), str(tmp_path / "out"), tok], capture_output=True,
+    monitor = runpy.run_path(str(REPO / "cratelm/bench/data.py"))["RSS_SCRIPT"]     # RSS of the process tree
+    r = subprocess.run([sys.executable, "-c", monitor, str(src), str(tmp_path / "out"), tok, "2"], capture_output=True,
                        text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    print(f"1 GiB jsonl: {got['seconds']:.1f} s, peak RSS of main + 2 workers {got['peak_tree_rss'] / 2**20:.0f} MiB")
+    print(f"1 GiB jsonl: {got['seconds']:.1f} s, peak RSS of main + 2 workers {got['peak'] / 2**20:.0f} MiB")
     assert got["documents"] == 64 * ((1 << 30) // len(block) + 1)
-    assert 0 < got["peak_tree_rss"] < 1.5 * 2**30
+    assert 0 < got["peak"] < 1.5 * 2**30
