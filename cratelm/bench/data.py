@@ -12,7 +12,8 @@ Python list): *short* = 100k one-line JSON documents of 40-100 bytes, *long* = t
 standard library's files (~10 MB). The methods run
 round-robin, ``--repeat`` rounds: each figure is a method's best time; "round ratio" is the
 median over rounds of loop time / method time in the same round (meaningful on a shared
-machine). The token streams are checked equal to the loop's.
+machine); "CPU s" the CPU time of the process and its workers, the work whatever the load.
+The token streams are checked equal to the loop's.
 """
 
 from __future__ import annotations
@@ -103,27 +104,39 @@ def throughput(tmp: Path, tok: Tokenizer, shape: str, docs: list[str], inputs: l
     methods = {"naive loop (read, sp.encode per doc)": loop}
     methods.update({f"prepare_corpus, {n} worker{'s' * (n > 1)}": (lambda n=n: prepare(n)) for n in workers})
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     ref = None
     for _ in range(repeat):
         for name, fn in methods.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _cpu_seconds()
             got = fn()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(_cpu_seconds() - c)
             if ref is None:
                 ref = got
             assert np.array_equal(got, ref), f"{name}: token ids differ from the naive loop's"
     loop_t = np.array(times["naive loop (read, sp.encode per doc)"])
     print(f"\n{shape} documents: {len(docs):,} documents, {nbytes / 1e6:.1f} MB, {len(ref):,} tokens")
-    print(f"{'method':38s} {'seconds':>8s} {'MB/s':>7s} {'docs/s':>10s} {'vs loop':>8s} {'round ratio':>12s}")
+    print(f"{'method':38s} {'seconds':>8s} {'MB/s':>7s} {'docs/s':>10s} {'vs loop':>8s} {'round ratio':>12s} "
+          f"{'CPU s':>6s}")
     results = {"documents": len(docs), "bytes": nbytes, "tokens": int(len(ref))}
     for name, ts in times.items():
         best = min(ts)
         ratio = float(np.median(loop_t / np.array(ts)))
+        best_cpu = min(cpu[name])
         results[name] = {"best_seconds": best, "mb_per_s": nbytes / 1e6 / best, "docs_per_s": len(docs) / best,
-                         "vs_loop": float(loop_t.min() / best), "round_ratio": ratio}
+                         "vs_loop": float(loop_t.min() / best), "round_ratio": ratio, "cpu_seconds": best_cpu}
         print(f"{name:38s} {best:8.2f} {nbytes / 1e6 / best:7.2f} {len(docs) / best:10,.0f} "
-              f"{loop_t.min() / best:7.2f}x {ratio:11.2f}x")
+              f"{loop_t.min() / best:7.2f}x {ratio:11.2f}x {best_cpu:6.2f}")
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the pool's workers)."""
+    import resource
+
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + child.ru_utime + child.ru_stime
 
 
 RSS_SCRIPT = """
