@@ -34,6 +34,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from cratelm.utils import file_sha256
+
 MAGIC = b"CRLMIDX\x00"
 VERSION = 1
 HEADER_BYTES = 32
@@ -279,15 +281,6 @@ class SplitWriter:
         for f in (self._bin, self._idx):
             if f is not None and not f.closed:
                 f.close()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_part(corpus_dir: Path, part: str) -> dict:

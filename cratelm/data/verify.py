@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cratelm.data.indexed import DTYPES, META_FILE, PART_FILE, file_sha256, read_index, read_part
+from cratelm.data.indexed import DTYPES, META_FILE, PART_FILE, read_index, read_part
+from cratelm.utils import file_sha256
 
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})$")
 
