@@ -89,7 +89,7 @@ def test_sbatch_array_example_runs_each_task(tmp_path, inputs):
     srcs, tok = inputs
     env = {**os.environ, "INPUTS": " ".join(srcs), "TOKENIZER": tok, "OUT": str(tmp_path / "out"),
            "PYTHON": sys.executable, "EXTRA_ARGS": "--val 0.1", "SLURM_ARRAY_TASK_COUNT": "3",
-           "SLURM_ARRAY_TASK_MIN": "0", "SLURM_CPUS_PER_TASK": "1"}
+           "SLURM_CPUS_PER_TASK": "1"}
     for i in range(3):
         r = subprocess.run(["bash", str(REPO / "launch/prepare_array.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
                            capture_output=True, text=True, timeout=120)
@@ -98,4 +98,9 @@ def test_sbatch_array_example_runs_each_task(tmp_path, inputs):
     r = subprocess.run([sys.executable, "-m", "cratelm", "verify-data", str(tmp_path / "out")], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "complete and consistent" in r.stdout
+    # a failed task rerun alone (`sbatch --array=1`): an array of one, NUM_SHARDS says how many parts
+    shutil.rmtree(tmp_path / "out" / "part-00001-of-00003")
+    r = subprocess.run(["bash", str(REPO / "launch/prepare_array.sbatch")], capture_output=True, text=True, timeout=120,
+                       env={**env, "NUM_SHARDS": "3", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_ID": "1"})
+    assert r.returncode == 0 and "(part 1 of 3)" in r.stdout and verify_corpus(tmp_path / "out") == []
     assert IndexedTokens(tmp_path / "out").num_documents + IndexedTokens(tmp_path / "out", "val").num_documents == 601
