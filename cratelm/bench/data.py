@@ -237,12 +237,14 @@ def _sparse_corpus(out: Path, num_tokens: int, file_tokens: int = 1 << 30) -> No
         with open(part / f"train.{k:05d}.bin", "wb") as f:
             f.truncate(2 * n)
         files.append({"file": f"train.{k:05d}.bin", "num_tokens": n})
-    header = b"CRLMIDX\x00" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + (1).to_bytes(8, "little") + bytes(8)
+    header = b"CRLMIDX\x00" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + (1).to_bytes(8, "little") \
+        + bytes(8)
     (part / "train.idx").write_bytes(header + bytes(8) + num_tokens.to_bytes(8, "little"))
     split = {"num_tokens": num_tokens, "num_documents": 1, "num_bytes": 0}
     (part / "part.json").write_text(json.dumps({"splits": {"train": {**split, "files": files, "index": "train.idx"}}}))
-    (out / "meta.json").write_text(json.dumps({"format_version": 2, "dtype": "uint16", "eos_id": 0, "parts": [part.name],
-                                               "tokenizer_sha256": "synthetic", "splits": {"train": split}}))
+    (out / "meta.json").write_text(json.dumps({"format_version": 2, "dtype": "uint16", "eos_id": 0,
+                                               "parts": [part.name], "tokenizer_sha256": "synthetic",
+                                               "splits": {"train": split}}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,8 @@ class IndexedTokens:
         corpora and tests; `document` reads one without it)."""
         if len(self._offsets) == 1:
             return self._offsets[0]
-        return np.concatenate([self._offsets[0]] + [o[1:] + b for o, b in zip(self._offsets[1:], self._token_starts[1:])])
+        rest = [o[1:] + b for o, b in zip(self._offsets[1:], self._token_starts[1:])]
+        return np.concatenate([self._offsets[0], *rest])
 
     @property
     def eos_id(self) -> int:

@@ -220,7 +220,8 @@ class BatchSampler:
         if (state.get("num_windows"), state.get("windows_fingerprint")) != mine:
             raise ValueError(f"sampler state is for other windows ({state.get('num_windows')} windows, fingerprint "
                              f"{state.get('windows_fingerprint')}); these are {len(self.windows)} windows, "
-                             f"fingerprint {self.windows.fingerprint()} (corpora, seq_len, weights, seed or the sampler's order changed)")
+                             f"fingerprint {self.windows.fingerprint()} (corpora, seq_len, weights, seed or the "
+                             f"sampler's order changed)")
         consumed = int(state["consumed_samples"])
         if consumed < 0 or consumed % self.micro_step_samples:
             raise ValueError(f"sampler state consumed_samples={consumed} is not a multiple of micro_batch x dp_size "

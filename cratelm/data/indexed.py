@@ -212,8 +212,8 @@ class TokenStream:
             return np.zeros(0, self.dtype)
         first = int(np.searchsorted(self.starts, start, side="right") - 1)
         last = int(np.searchsorted(self.starts, stop - 1, side="right") - 1)
-        pieces = [self._read(k, int(max(start - self.starts[k], 0)), int(min(stop, self.starts[k + 1]) - self.starts[k]))
-                  for k in range(first, last + 1)]
+        pieces = [self._read(k, int(max(start - self.starts[k], 0)),
+                             int(min(stop, self.starts[k + 1]) - self.starts[k])) for k in range(first, last + 1)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

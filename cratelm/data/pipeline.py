@@ -1,4 +1,4 @@
-"""Tokenizing tasks (cratelm/data/reading.py) over worker processes, results in input order.
+"""Tokenizing tasks (cratelm/data/tasks.py, read by cratelm/data/reading.py) over worker processes, in input order.
 
 Each worker reads its task itself (files are opened in the worker: no text is pickled), encodes
 the documents in one batch call (`Tokenizer.encode_documents`: one sentencepiece call per

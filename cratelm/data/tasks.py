@@ -96,7 +96,8 @@ def plan_tasks(sources: list[Source], opts: ReadOptions, report: SkipReport,
             continue
         elif line_based(src, opts):
             flush()
-            tasks += [Task(((i, a, min(a + chunk_bytes, n)),), min(chunk_bytes, n - a)) for a in range(0, n, chunk_bytes)]
+            tasks += [Task(((i, a, min(a + chunk_bytes, n)),), min(chunk_bytes, n - a))
+                      for a in range(0, n, chunk_bytes)]
         else:
             group.append((i, 0, n))
             size += n

@@ -303,7 +303,8 @@ def test_killed_run_leaves_previous_state_and_rerun_works(tmp_path, tok_path, ex
     partial = out / f".partial-{socket.gethostname()}-{proc.pid}"
     assert [p.name for p in partial.iterdir()] == [PART]         # the unfinished part, no part.json
     left = {p.name for p in (partial / PART).iterdir()}
-    assert {"train.00000.bin", "train.idx", "val.idx"} <= left <= {"train.00000.bin", "train.idx", "val.idx", "val.00000.bin"}
+    assert {"train.00000.bin", "train.idx", "val.idx"} <= left <= {"train.00000.bin", "train.idx", "val.idx",
+                                                                   "val.00000.bin"}
     if existing:
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and partial not in p.parents} == before
         assert IndexedTokens(out, "val").num_documents == 5

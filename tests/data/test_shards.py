@@ -77,7 +77,8 @@ def test_verify_finds_missing_and_corrupted_parts(tmp_path, inputs, monkeypatch)
     shutil.rmtree(part)
     (out / "meta.json").unlink()
     problems = verify_corpus(out)
-    assert f"{part}: missing (part 1 of 2 not finished)" in problems and any("meta.json: missing" in p for p in problems)
+    assert f"{part}: missing (part 1 of 2 not finished)" in problems
+    assert any("meta.json: missing" in p for p in problems)
     with pytest.raises(ValueError, match="meta.json not found"):
         IndexedTokens(out)
     r = subprocess.run([sys.executable, "-m", "cratelm", "verify-data", str(out)], capture_output=True, text=True)
@@ -91,8 +92,8 @@ def test_sbatch_array_example_runs_each_task(tmp_path, inputs):
            "PYTHON": sys.executable, "EXTRA_ARGS": "--val 0.1", "SLURM_ARRAY_TASK_COUNT": "3",
            "SLURM_CPUS_PER_TASK": "1"}
     for i in range(3):
-        r = subprocess.run(["bash", str(REPO / "launch/prepare_array.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(["bash", str(REPO / "launch/prepare_array.sbatch")], capture_output=True, text=True,
+                           timeout=120, env={**env, "SLURM_ARRAY_TASK_ID": str(i)})
         assert r.returncode == 0, r.stderr
         assert f"(part {i} of 3)" in r.stdout
     r = subprocess.run([sys.executable, "-m", "cratelm", "verify-data", str(tmp_path / "out")], capture_output=True,
