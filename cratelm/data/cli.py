@@ -96,7 +96,8 @@ def add_prepare_data_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
     p.add_argument("--out", required=True, help="output corpus directory")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model to use (default: train one on the inputs, see --vocab-size)")
+                   help="sentencepiece .model or Hugging Face tokenizer.json to use (default: train a "
+                        "sentencepiece model on a sample of the inputs, see --vocab-size)")
     p.add_argument("--val", default="0.005", help="validation split: a fraction (0.005) or a document count (50)")
     p.add_argument("--test", default="0", help="test split: a fraction or a document count (default none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and of the tokenizer's sample)")

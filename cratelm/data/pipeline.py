@@ -24,7 +24,7 @@ from cratelm.data.reading import TaskDocs, read_task
 from cratelm.data.tasks import ReadOptions, Task
 from cratelm.data.sampling import mix_array, derive_key
 from cratelm.data.sources import Source
-from cratelm.data.tokenizer import Tokenizer
+from cratelm.data.tokenizer import load_tokenizer
 
 _STATE: dict = {}
 
@@ -50,7 +50,7 @@ def split_draws(seed: int, name_hashes: np.ndarray, positions: np.ndarray) -> np
 
 
 def _init(sources: list[Source], opts: ReadOptions, tokenizer: str, dtype: str, seed: int) -> None:
-    _STATE.update(sources=sources, opts=opts, tok=Tokenizer(tokenizer), dtype=DTYPES[dtype], seed=seed)
+    _STATE.update(sources=sources, opts=opts, tok=load_tokenizer(tokenizer), dtype=DTYPES[dtype], seed=seed)
 
 
 def encode_task(task: Task) -> Encoded:

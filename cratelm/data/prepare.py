@@ -41,7 +41,7 @@ from cratelm.data.indexed import (META_FILE, PART_FILE, SplitWriter, choose_dtyp
 from cratelm.data.pipeline import encode_tasks
 from cratelm.data.reading import SkipLocator, iter_documents
 from cratelm.data.tasks import ReadOptions, dataset_tasks, plan_tasks, sample_tasks
-from cratelm.data.tokenizer import Tokenizer, train_tokenizer_on_texts
+from cratelm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer_on_texts
 
 SPLITS = ("train", "val", "test")
 FORMAT = "cratelm-tokens"
@@ -131,7 +131,7 @@ def _check_existing(out_dir: Path, tokenizer: Tokenizer) -> dict | None:
             raise TokenizerMismatchError(
                 f"{out_dir} holds a corpus made with tokenizer sha256 {sha}; refusing to "
                 f"overwrite it with tokens of {tokenizer.path} (sha256 {tokenizer.sha256}). Choose another --out, "
-                f"remove {out_dir}, or pass --tokenizer {out_dir / 'tokenizer.model'}")
+                f"remove {out_dir}, or pass --tokenizer {out_dir / tokenizer.filename}")
     return None
 
 
@@ -152,17 +152,22 @@ def _clean_stale_partials(out_dir: Path) -> None:
                            f"or remove {d} if that process is not a preparation")
 
 
-def _install_tokenizer(out: Path, partial: Path, given: str | None) -> None:
-    if given is not None and Path(given).resolve() == (out / "tokenizer.model").resolve():
+def _install_tokenizer(out: Path, partial: Path, given: str | None, filename: str) -> None:
+    """Copy the tokenizer (sentencepiece .model + its .vocab, or a tokenizer.json) into ``out``."""
+    if given is not None and Path(given).resolve() == (out / filename).resolve():
         return
-    src = partial / "tokenizer" if given is None else Path(given).with_suffix("")
-    for ext in (".vocab", ".model"):                               # .model last
-        if not Path(f"{src}{ext}").exists():
-            (out / f"tokenizer{ext}").unlink(missing_ok=True)
-            continue
-        if given is not None:
-            shutil.copyfile(f"{src}{ext}", partial / f"copy{ext}")
-        os.replace(partial / (f"copy{ext}" if given is not None else f"tokenizer{ext}"), out / f"tokenizer{ext}")
+    if given is None:                                              # trained into partial/: .model last
+        for ext in (".vocab", ".model"):
+            os.replace(partial / f"tokenizer{ext}", out / f"tokenizer{ext}")
+        return
+    vocab = Path(given).with_suffix(".vocab")                      # the piece list of a sentencepiece model
+    if filename == "tokenizer.model" and vocab.exists():
+        shutil.copyfile(vocab, partial / "copy.vocab")
+        os.replace(partial / "copy.vocab", out / "tokenizer.vocab")
+    else:
+        (out / "tokenizer.vocab").unlink(missing_ok=True)
+    shutil.copyfile(given, partial / "copy")
+    os.replace(partial / "copy", out / filename)
 
 
 def _install_part(out: Path, partial: Path, part: str, num_shards: int) -> None:
@@ -237,7 +242,7 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
         raise ValueError("--num-shards > 1: give --val / --test as fractions (a count needs the whole corpus in one "
                          "run), and no --max-documents")
     opts = ReadOptions(text_key, one_doc_per_line, on_bad_utf8)
-    tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None   # sentencepiece, or a tokenizer.json
     sources = src_lib.resolve_inputs(inputs, corpus, hub_split=hub_split, hub_config=hub_config, exclude=out)
     skipped_inputs = src_lib.SkipReport()
     tasks = plan_tasks(sources, opts, skipped_inputs, None if max_documents is None else 1 << 16)  # trials: small
@@ -277,7 +282,7 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
         summary = _tokenize(tasks[lo:hi], sources, opts, tok, dtype, partial / part_name(shard_index, num_shards),
                             val, test, seed, num_proc, max_documents, max_file_bytes, progress, out)
         settings = {"dtype": dtype, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                    "tokenizer": "tokenizer.model", "tokenizer_sha256": tok.sha256, "num_shards": num_shards,
+                    "tokenizer": tok.filename, "tokenizer_sha256": tok.sha256, "num_shards": num_shards,
                     "inputs": [str(i) if isinstance(i, (str, os.PathLike)) else f"<{type(i).__name__}>"
                                for i in inputs or []] + ([src_lib.describe_corpus(corpus)] if corpus else []),
                     "num_tasks": len(tasks), "split_seed": seed, "split_sizes": {"val": val, "test": test},
@@ -288,7 +293,7 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
                            "skipped_inputs": skipped_inputs.as_dict(), "skipped": summary.pop("report").as_dict(),
                            "splits": summary["splits"]})
         _install_part(out, partial, part_name(shard_index, num_shards), num_shards)
-        _install_tokenizer(out, partial, tokenizer)
+        _install_tokenizer(out, partial, tokenizer, tok.filename)
         meta = finalize(out)
     except BaseException:
         if created and not any(p for p in out.iterdir() if p != partial):
@@ -299,14 +304,14 @@ def prepare_corpus(inputs: list[Any] | None, out_dir: str | os.PathLike, tokeniz
     report = src_lib.SkipReport()
     report.merge(skipped_inputs.as_dict())
     report.merge(json.loads((out / part_name(shard_index, num_shards) / PART_FILE).read_text())["skipped"])
-    summary.update(out_dir=str(out), skipped=report.as_dict(), tokenizer=str(out / "tokenizer.model"),
+    summary.update(out_dir=str(out), skipped=report.as_dict(), tokenizer=str(out / tok.filename),
                    tokenizer_sha256=tok.sha256, tokenizer_trained=tokenizer is None, dtype=dtype, num_proc=num_proc,
                    seconds=time.perf_counter() - t_start, tokenizer_seconds=t_tok, part=shard_index,
                    num_shards=num_shards, complete=meta is not None)
     return summary
 
 
-def _tokenize(tasks: list, sources: list, opts: ReadOptions, tok: Tokenizer, dtype: str, folder: Path,
+def _tokenize(tasks: list, sources: list, opts: ReadOptions, tok: Any, dtype: str, folder: Path,
               val: float | int, test: float | int, seed: int, num_proc: int, max_documents: int | None,
               max_file_bytes: int, progress: bool, out: Path) -> dict[str, Any]:
     """Encode ``tasks`` and write the splits of one part into ``folder``."""
