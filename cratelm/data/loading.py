@@ -1,5 +1,6 @@
 """Opening a job's data: the token shards of ``data.train`` / ``data.val``, checked against
-the model config (memory maps: cheap; every rank opens them before the process group)."""
+the model config (cheap: windows are read on demand with pread; every rank opens them
+before the process group)."""
 
 from __future__ import annotations
 
