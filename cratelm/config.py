@@ -220,6 +220,8 @@ class TrainConfig:
     """Optional DeepSpeed JSON whose keys override the generated ones."""
     peak_tflops: float | None = None
     """Peak bf16 TFLOP/s of one device for MFU (None = look up the device name in a table)."""
+    init_from: str | None = None
+    """A fresh run starts from this model's weights (any model `cratelm eval` loads; a resumed run ignores it)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch", "log_interval", "eval_batches", "keep_last"):

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from cratelm.config import BatchPlan, ConfigError, JobConfig, ModelConfig
 from cratelm.dist import all_reduce, free_port, gather_object
+from cratelm.train import init_from
 from cratelm.train.ds_config import device_type
 from cratelm.train.optimizer import make_optimizer, param_groups
 
@@ -252,6 +253,7 @@ def build_engine(cfg: JobConfig, plan: BatchPlan, config: dict[str, Any], dev_ty
         module = CrateLM(cfg.model, seed=t.seed)
         if t.activation_checkpointing:
             checkpoint_blocks(module)
+    init_from.load_into(module, cfg)            # train.init_from's weights, before DeepSpeed copies or shards them
     optimizer = make_optimizer(param_groups(module.named_parameters(), cfg.optim.weight_decay), cfg, dev_type,
                                check_grads=check_grads)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)

@@ -40,6 +40,7 @@ from cratelm.dist import broadcast_object
 from cratelm.model.accounting import flops_per_token
 from cratelm.model.diagnostics import layer_diagnostics
 from cratelm.train import checkpoint as ckpt
+from cratelm.train import init_from
 from cratelm.train.ds_config import device_type
 from cratelm.train.engine import Engine, build_engine, full_model, init_distributed, quiet_deepspeed
 from cratelm.train.metrics import MetricsLogger, Window, console_line, peak_tflops
@@ -254,6 +255,7 @@ def train(cfg: JobConfig, resume: str | None = None, verbose: bool = False) -> T
     ``resume``: None (a fresh start), "auto" or a checkpoint / run directory. Raises ConfigError
     before any process group starts."""
     plan, config, data, point = prepare(cfg, resume)
+    cfg = init_from.resolve(cfg, data, point)         # train.init_from: checked and loaded (a fresh start only)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"cratelm: batch plan: global {plan.global_batch} = micro {plan.micro_batch} x accum "
               f"{plan.grad_accum} x data-parallel {plan.dp_size} (pipeline stages {cfg.train.pipeline_stages}); "
