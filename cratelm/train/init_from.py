@@ -34,8 +34,9 @@ import torch.nn as nn
 from cratelm.config import ConfigError, JobConfig
 from cratelm.data.loading import Data
 
-FREE_FIELDS = ("attn_backend", "ista_impl", "loss_impl", "dropout")
-"""Model fields that change how the weights are used, not what they are: they may differ from the source's."""
+FREE_FIELDS = ("attn_backend", "ista_impl", "loss_impl", "dropout", "init_std")
+"""Model fields that change how the weights are used (or how a random init would draw them), not
+what they are: they may differ from the source's."""
 RECORD = "init_from.json"
 
 _loaded: dict[str, dict[str, torch.Tensor]] = {}      # resolve -> load_into, within one process

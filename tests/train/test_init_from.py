@@ -147,7 +147,7 @@ def test_a_resumed_run_ignores_init_from_and_says_so_once(word_corpus, source, t
 
 def test_fields_that_change_no_weight_may_differ(word_corpus, source, tmp_path):
     cfg = config_from_dict(job_config(word_corpus, tmp_path / "run", model={"dropout": 0.1, "attn_backend": "reference",
-                                                                            "loss_impl": "plain"},
+                                                                            "loss_impl": "plain", "init_std": 0.05},
                                       train={"init_from": str(source["hf"])}))
     assert init_from.resolve(cfg, open_data(cfg), None) is cfg
     module = CrateLM(cfg.model, seed=0)
