@@ -97,20 +97,23 @@ def import_crate_gpt(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
                       extra={"imported_from": str(src), "source_sha256": file_sha256(src)})
 
 
-def export(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export(path: str | os.PathLike, out_dir: str | os.PathLike, trust: bool = False) -> Path:
     """``cratelm export``: the exported model directory of the training checkpoint ``path``
-    (a run directory: its latest complete checkpoint) written to ``out_dir``."""
+    (a run directory: its latest complete checkpoint) written to ``out_dir``. ``trust``:
+    unpickle any class its files hold (cratelm.train.safe_load)."""
     from cratelm.train.export import load_from_run
 
-    model, info = load_from_run(path)
+    model, info = load_from_run(path, trust=trust)
     return save_model(model, model.cfg, out_dir, tokenizer=info["tokenizer"],
                       extra={"source_checkpoint": info["checkpoint"], "step": info["step"]})
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CrateLM, dict]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               trust: bool = False) -> tuple[CrateLM, dict]:
     """Load any model cratelm knows: an exported directory, a training run/checkpoint
     directory, an authors' CRATE-GPT ``.pt`` file, or a Hugging Face directory (gpt2 or a
-    cratelm CRATE export: `cratelm.hf.convert.load_hf`). Returns (model, metadata)."""
+    cratelm CRATE export: `cratelm.hf.convert.load_hf`). Returns (model, metadata). ``trust``:
+    unpickle any class a run directory's files hold (cratelm.train.safe_load)."""
     from cratelm.hf.convert import is_hf_dir, load_hf   # (imports no transformers)
 
     p = Path(path)
@@ -121,7 +124,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     if p.is_dir():
         from cratelm.train.export import load_from_run  # a DeepSpeed checkpoint directory
 
-        return load_from_run(p, device)
+        return load_from_run(p, device, trust)
     if p.is_file():
         model = load_crate_gpt_checkpoint(p, device)
         return model, {"model": dataclasses.asdict(model.cfg), "tokenizer": None, "tokenizer_sha256": None,

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify-data": ("cratelm.data.cli", "check a prepared corpus: every part, count and sha256"),
     "train": ("cratelm.commands", "train a model through DeepSpeed"),
     "export": ("cratelm.commands", "export a consolidated fp32 model from a DeepSpeed checkpoint"),
+    "convert-checkpoint": ("cratelm.commands", "make a checkpoint resumable on any layout (DeepSpeed universal)"),
     "eval": ("cratelm.commands", "perplexity of a model on token shards or text files"),
     "generate": ("cratelm.commands", "sample text from a model"),
     "compare": ("cratelm.workbench.compare", "train several model configs under one recipe and tabulate them"),

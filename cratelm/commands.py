@@ -10,6 +10,7 @@ Each subcommand is a function callable from Python with its config or typed argu
     train             cratelm.train.train(cfg, resume)
     export            cratelm.checkpoints.export(path, out_dir)
     eval              cratelm.evaluate.evaluate_checkpoint(checkpoint, data, ...)
+    convert-checkpoint  convert_checkpoint(path, trust)        here (cratelm.train.universal)
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ def run_import_crate_gpt(args: argparse.Namespace) -> int:
 def generate(checkpoint: str | os.PathLike, prompt: str = "", tokenizer: str | None = None,
              max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200, seed: int = 1337,
              num_samples: int = 1, device: str = "cpu", out: TextIO | None = None,
-             clamp: list[tuple[int, int, float]] = ()) -> list[str]:
+             clamp: list[tuple[int, int, float]] = (), trust: bool = False) -> list[str]:
     """Sample ``num_samples`` continuations of ``prompt`` (empty: start from the EOS token) from
     any model `cratelm.checkpoints.load_model` reads; each is streamed to ``out`` as it grows
     (prompt, text, then a separator line between samples). Returns the continuations.
-    ``clamp``: (layer, unit, value) code units held fixed (cratelm.workbench.edit).
+    ``clamp``: (layer, unit, value) code units held fixed (cratelm.workbench.edit). ``trust``:
+    unpickle any class a run directory's files hold (cratelm.train.safe_load).
     Raises ValueError when the tokenizer is missing or differs from the model's."""
     import torch
 
@@ -112,7 +114,7 @@ def generate(checkpoint: str | os.PathLike, prompt: str = "", tokenizer: str | N
     from cratelm.evaluate import checked_tokenizer
     from cratelm.workbench.edit import set_clamps
 
-    model, meta = load_model(checkpoint, device)
+    model, meta = load_model(checkpoint, device, trust)
     set_clamps(model, list(clamp))
     tok, _ = checked_tokenizer(tokenizer, meta, str(checkpoint))
     if tok is None:
@@ -162,6 +164,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--clamp", action="append", default=[], metavar="LAYER:UNIT=VALUE",
                    help="hold a sparse code unit (gpt2: an MLP neuron) at VALUE while generating; repeatable")
+    _add_trust_argument(p)
+
+
+def _add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle any class the checkpoint files hold (only for files you trust: loading them can "
+                        "run code); by default only tensors and DeepSpeed's known classes")
 
 
 def _cuda() -> bool:
@@ -179,7 +188,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         generate(args.checkpoint, args.prompt, args.tokenizer, args.max_new_tokens, args.temperature, args.top_k,
                  args.seed, args.num_samples, args.device, out=sys.stdout,
-                 clamp=[parse_clamp(c) for c in args.clamp])
+                 clamp=[parse_clamp(c) for c in args.clamp], trust=args.trust_checkpoint)
     except ValueError as e:
         raise SystemExit(f"cratelm generate: error: {e}") from None
     return 0
@@ -191,6 +200,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="auto: the newest complete checkpoint of train.run_dir, or a fresh start if none; "
                              "PATH: a run directory or checkpoint directory")
+    parser.add_argument("--discard-newer", action="store_true",
+                        help="with --resume of an older checkpoint: move the newer ones aside (STEP.superseded)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher (LOCAL_RANK is read from the environment too)")
     parser.add_argument("--verbose", action="store_true", help="DeepSpeed's INFO logs")
@@ -206,7 +217,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.local_rank is not None:
             dist_env(args.local_rank)
-        job = trainer.train(cfg, args.resume, args.verbose)
+        job = trainer.train(cfg, args.resume, args.verbose, args.discard_newer)
         close_process_group()
     except ConfigError as e:
         print(f"cratelm train: config error: {e}", file=sys.stderr, flush=True)
@@ -222,10 +233,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("cratelm", "hf"), default="cratelm",
                         help="hf: a Hugging Face transformers directory (cratelm/hf/export.py); the path may "
                              "then also be an exported model or an authors' .pt file")
+    _add_trust_argument(parser)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from cratelm.checkpoints import export
+    from cratelm.train.safe_load import UnsafeCheckpointError
 
     try:
         if args.format == "hf":
@@ -233,7 +246,10 @@ def run_export(args: argparse.Namespace) -> int:
 
             out = export_hf(args.path, args.out_dir)
         else:
-            out = export(args.path, args.out_dir)
+            out = export(args.path, args.out_dir, args.trust_checkpoint)
+    except UnsafeCheckpointError as e:
+        print(f"cratelm export: error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"cratelm export: {e}", file=sys.stderr)
         return 1
@@ -258,6 +274,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-path", default=None, help="--tasks: a directory of local lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples")
     p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many documents per task")
+    _add_trust_argument(p)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -275,7 +292,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     try:
         results = evaluate_checkpoint(args.checkpoint, args.data, args.tokenizer, args.stride, args.batch_size,
-                                      args.device, args.dtype)
+                                      args.device, args.dtype, trust=args.trust_checkpoint)
     except (ValueError, FileNotFoundError) as e:   # bad data or tokenizer: the message says what and where
         print(f"cratelm eval: error: {e}", file=sys.stderr)
         return 2
@@ -285,4 +302,37 @@ def run_eval(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint),
                                                    "results": [asdict(r) for r in results]}, indent=2) + "\n")
     close_process_group()
+    return 0
+
+
+# ------------------------------------------------------------------------------ convert-checkpoint
+def convert_checkpoint(path: str | os.PathLike, trust: bool = False) -> Path:
+    """A DeepSpeed universal checkpoint beside the checkpoint ``path`` (a run directory: its
+    latest complete one), which ``cratelm train --resume`` then loads on any layout
+    (cratelm.train.universal). Raises ValueError / FileNotFoundError saying why not."""
+    from cratelm.train import checkpoint as ckpt
+    from cratelm.train import universal
+    from cratelm.train.safe_load import check_files
+
+    tag_dir = ckpt.resolve(path)
+    meta = ckpt.read_meta(tag_dir)
+    universal.check_convertible(tag_dir, meta, {"world_size": None, "pipeline_stages": None, "zero_stage": 1})
+    check_files(tag_dir, trust)                   # ds_to_universal unpickles with weights_only=False
+    return universal.convert(tag_dir, meta)
+
+
+def add_convert_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_OR_CKPT_DIR",
+                   help="a run directory (its latest complete checkpoint) or a checkpoint directory")
+    _add_trust_argument(p)
+
+
+def run_convert_checkpoint(args: argparse.Namespace) -> int:
+    try:
+        out = convert_checkpoint(args.path, args.trust_checkpoint)
+    except (OSError, ValueError) as e:
+        print(f"cratelm convert-checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cratelm convert-checkpoint: wrote {out}; `cratelm train --resume {out.parent}` loads it on any "
+          "world size, ZeRO stage 1-3 and pipeline layout")
     return 0

@@ -206,8 +206,8 @@ class TrainConfig:
     """Steps between console / TensorBoard / metrics.jsonl records."""
     eval_interval: int = 500
     """Steps between validation runs (0 = only at the end)."""
-    eval_batches: int = 20
-    """Micro batches per validation run."""
+    eval_windows: int = 320
+    """Validation windows (context tokens each) per validation run: the same set for any batch split."""
     diag_interval: int = 100
     """Steps between per-layer white-box diagnostics (coding rate, sparsity); 0 = off."""
     ckpt_interval: int = 1000
@@ -224,7 +224,7 @@ class TrainConfig:
     """A fresh run starts from this model's weights (any model `cratelm eval` loads; a resumed run ignores it)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch", "log_interval", "eval_batches", "keep_last"):
+        for name in ("max_steps", "micro_batch", "log_interval", "eval_windows", "keep_last"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"train.{name}={value!r} must be a positive integer")
         for name in ("eval_interval", "diag_interval", "ckpt_interval"):

@@ -195,7 +195,7 @@ def markdown(results: list[EvalResult]) -> str:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: list[str], tokenizer: str | None = None,
                         stride: int | None = None, batch_size: int = 8, device: str | None = None,
-                        dtype: str | None = None, progress: bool = True) -> list[EvalResult]:
+                        dtype: str | None = None, progress: bool = True, trust: bool = False) -> list[EvalResult]:
     """``cratelm eval``: load any model (`cratelm.checkpoints.load_model`), check the tokenizer
     against it, and score every corpus of ``data``. ``device`` defaults to this rank's GPU if
     any, else cpu; ``dtype`` ("fp32" / "bf16") to bf16 on GPU, fp32 on CPU. Raises ValueError /
@@ -204,7 +204,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: list[str], tokenize
 
     device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype or ("bf16" if device != "cpu" else "fp32")]
-    model, meta = load_model(checkpoint, device)
+    model, meta = load_model(checkpoint, device, trust)
     tok, meta = checked_tokenizer(tokenizer, meta, str(checkpoint))
     if not meta.get("tokenizer_sha256"):
         print(f"cratelm eval: note: {checkpoint} records no tokenizer; shards are not checked against it",

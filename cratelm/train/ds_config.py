@@ -92,7 +92,7 @@ def ds_config(cfg: JobConfig, plan: BatchPlan, dev_type: str | None = None) -> d
         gen["pipeline"] = {"activation_checkpoint_interval": 1 if t.activation_checkpointing else 0}
     if not t.deepspeed_config:
         _check_merged(gen, t, "the config")
-        return gen
+        return bf16_zero0_route(gen)
     try:
         user = json.loads(Path(t.deepspeed_config).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -119,7 +119,20 @@ def ds_config(cfg: JobConfig, plan: BatchPlan, dev_type: str | None = None) -> d
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} enables fp16, which DeepSpeed does not "
                           "support on CPU")
     _check_merged(merged, t, f"train.deepspeed_config={t.deepspeed_config}")
-    return merged
+    return bf16_zero0_route(merged)
+
+
+def bf16_zero0_route(config: dict[str, Any]) -> dict[str, Any]:
+    """bf16 with ZeRO-0 and no pipeline -> DeepSpeed's ``torch_autocast`` (fp32 weights and
+    gradients, bf16 matmuls). DeepSpeed 0.19.8's own bf16 ZeRO-0 path (its "DDP bf16" fp16
+    optimizer) keeps bf16 gradients and accumulates the micro-batches in bf16, and refuses
+    ``data_types.grad_accum_dtype=fp32`` without ZeRO; ZeRO >= 1 accumulates in fp32. The
+    all-reduce stays fp32 too (no module is declared safe for a bf16 all-reduce)."""
+    zero = config.get("zero_optimization", {}).get("stage", 0)
+    if not config.get("bf16", {}).get("enabled") or zero != 0 or "pipeline" in config:
+        return config
+    return {**config, "bf16": {**config["bf16"], "enabled": False},
+            "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
 
 
 def _check_merged(config: dict[str, Any], t, where: str) -> None:

@@ -215,19 +215,21 @@ class Engine:
         return StepResult(loss, bad, stop_all, skipped, grad_norm)
 
     @torch.no_grad()
-    def eval_loss(self, batches, k: int) -> float:
-        """Mean loss over ``k`` micro-batches of ``batches`` per data-parallel rank, over all ranks."""
+    def eval_loss(self, windows, mine, micro_batch: int, n: int) -> float:
+        """Mean loss over the ``n`` windows of the validation set, ``mine`` being this rank's
+        share of them (cratelm.train.validation): float64 sums, each window weighted equally."""
+        from cratelm.train import validation
+
         if self.pipeline:
-            loss = self.ds.eval_batch(iter(batches), num_micro_batches=k)
-            total = all_reduce(torch.tensor([float(loss.float().item())], device=self.device))
-            return float(total) / self.world_size         # the same value on every stage of a dp group
+            batches = validation.micro_batches(windows, mine, micro_batch)
+            loss = self.ds.eval_batch(batches, num_micro_batches=len(mine) // micro_batch)
+            total = torch.tensor([float(loss.double().item()) * len(mine)], dtype=torch.float64, device=self.device)
+            return float(all_reduce(total)) / (n * self.num_stages)   # the same sum on every stage of a dp group
         self.ds.eval()
-        total = torch.zeros(1, device=self.device)
-        for _ in range(k):
-            x, y = batches.next_micro_batch()
-            total += self.ds(x.to(self.device), y.to(self.device)).float()
+        calls = validation.forward_calls(n, micro_batch, self.dp_size)
+        local = validation.loss_sum(self.ds, windows, mine, micro_batch, calls, self.device)
         self.ds.train()
-        return float(all_reduce(total)) / (k * self.dp_size)
+        return float(all_reduce(torch.tensor([local], dtype=torch.float64, device=self.device))) / n
 
 
 def build_engine(cfg: JobConfig, plan: BatchPlan, config: dict[str, Any], dev_type: str | None = None) -> Engine:

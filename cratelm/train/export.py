@@ -29,13 +29,7 @@ import torch
 
 from cratelm.config import model_config_from_dict
 from cratelm.train import checkpoint as ckpt
-
-
-def _torch_load(path: str | os.PathLike) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - DeepSpeed's own files may hold objects weights_only refuses
-        return torch.load(path, map_location="cpu", weights_only=False)
+from cratelm.train import safe_load
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,10 +40,13 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def consolidated_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """(fp32 CrateLM state dict, the checkpoint's cratelm.json, the checkpoint directory)."""
+def consolidated_state_dict(path: str | os.PathLike,
+                            trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+    """(fp32 CrateLM state dict, the checkpoint's cratelm.json, the checkpoint directory).
+    Files are read without unpickling code unless ``trust`` (cratelm.train.safe_load)."""
     tag_dir = ckpt.resolve(path)
     meta = ckpt.read_meta(tag_dir)
+    safe_load.check_files(tag_dir, trust)         # before DeepSpeed's readers (weights_only=False) see them
     if meta.get("pipeline_stages", 1) > 1:
         from cratelm.train.pipeline import layer_files_to_crate_state
 
@@ -60,7 +57,7 @@ def consolidated_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Te
         states = {}
         for f in sorted(set(files)):
             idx = int(re.match(r"layer_(\d+)", Path(f).name).group(1))  # type: ignore[union-attr]
-            states.setdefault(idx, {}).update(_torch_load(f))
+            states.setdefault(idx, {}).update(safe_load.load(f, trust))
         state = layer_files_to_crate_state(states)
     elif meta.get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -71,7 +68,7 @@ def consolidated_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Te
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{tag_dir}: no mp_rank_XX_model_states.pt")
-        state = _torch_load(files[0])["module"]
+        state = safe_load.load(files[0], trust)["module"]
     return _strip(state), meta, tag_dir
 
 
@@ -84,14 +81,14 @@ def _tokenizer(meta: dict[str, Any], tag_dir: Path) -> str | None:
     return None
 
 
-def load_from_run(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_from_run(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False):
     """(CrateLM in eval mode with the consolidated fp32 weights, meta) from a run directory or
     checkpoint directory. meta has "model" (ModelConfig as a dict), "tokenizer" (a path or
     None), "tokenizer_sha256", "step" and "checkpoint"."""
     from cratelm.model.crate import CrateLM
     from cratelm.model.io import load_state
 
-    state, meta, tag_dir = consolidated_state_dict(path)
+    state, meta, tag_dir = consolidated_state_dict(path, trust)
     cfg = model_config_from_dict(meta["model"])
     model = CrateLM(cfg, seed=None)
     load_state(model, state, str(tag_dir))

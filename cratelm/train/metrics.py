@@ -153,7 +153,9 @@ class MetricsLogger:
         path = run_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if _step_of(line, start_step + 1) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            from cratelm.train.durable import write_atomic   # a crash here keeps the old file whole
+
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
         self.jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 

@@ -5,55 +5,34 @@ ConfigError with the numbers, so ``cratelm train`` exits 2 in a second.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from cratelm.config import BatchPlan, ConfigError, JobConfig
+from cratelm.config import BatchPlan, JobConfig
 from cratelm.data.loading import Data, open_data
-from cratelm.train import checkpoint as ckpt
+from cratelm.train import resume as resume_checks
+from cratelm.train import validation
 from cratelm.train.ds_config import check_job, device_type, ds_config
 from cratelm.train.engine import dist_env
 
-IMPL_FIELDS = ("attn_backend", "ista_impl", "loss_impl")   # kernels may change on resume; weights may not
-
-
-def resolve_resume(resume: str | None, run_dir: str) -> Path | None:
-    """``auto``: the newest complete checkpoint of run_dir, or None (fresh start);
-    a path: that checkpoint / run directory (must hold a complete checkpoint); None: fresh,
-    refused if run_dir already holds checkpoints (pass --resume auto to continue)."""
-    root = Path(run_dir) / ckpt.CKPT_DIR
-    if resume is None or resume == "none":
-        found = ckpt.latest_checkpoint(root)
-        if found is not None:
-            raise ConfigError(f"train.run_dir={run_dir} already holds checkpoints (newest: {found.name}); "
-                              "pass --resume auto to continue it, or choose another train.run_dir")
-        return None
-    if resume == "auto":
-        return ckpt.latest_checkpoint(root)
-    try:
-        return ckpt.resolve(resume)
-    except FileNotFoundError as e:
-        raise ConfigError(f"--resume {resume}: {e}") from None
-
-
-def check_resumable(meta: dict, cfg: JobConfig, where: Path) -> None:
-    old, new = dict(meta["model"]), dataclasses.asdict(cfg.model)
-    diff = {k: (old.get(k), new.get(k)) for k in new if k not in IMPL_FIELDS and old.get(k) != new.get(k)}
-    if diff:
-        raise ConfigError(f"{where} holds a different model: " +
-                          ", ".join(f"model.{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diff.items()))
-
 
 def prepare(cfg: JobConfig, resume: str | None = None, world_size: int | None = None,
-            local_rank: int | None = None) -> tuple[BatchPlan, dict, Data, Path | None]:
+            local_rank: int | None = None, discard_newer: bool = False) -> tuple[BatchPlan, dict, Data, Path | None]:
     """Everything before the process group: checks, batch plan, DeepSpeed config, data, resume
-    point. Raises ConfigError with the numbers."""
+    point (cratelm.train.resume: layout changes go through a universal checkpoint). Raises
+    ConfigError with the numbers."""
     env = dist_env(local_rank)
     dev = device_type()
     plan = check_job(cfg, world_size or env.world_size, dev)
     config = ds_config(cfg, plan, dev)
+    resume_checks.check_run_dir(cfg.train.run_dir)
     data = open_data(cfg)
-    point = resolve_resume(resume, cfg.train.run_dir)
+    resume_checks.check_val_tokenizer(data)
+    validation.check(cfg.train.eval_windows, plan.micro_batch, plan.dp_size, cfg.train.pipeline_stages > 1)
+    point = resume_checks.find(resume, cfg.train.run_dir, discard_newer)
     if point is not None:
-        check_resumable(ckpt.read_meta(point), cfg, point)
+        layout = {"world_size": world_size or env.world_size, "pipeline_stages": cfg.train.pipeline_stages,
+                  "zero_stage": config.get("zero_optimization", {}).get("stage", cfg.train.zero_stage)}
+        config = resume_checks.configure(config, resume_checks.check_point(point, cfg, data, layout))
+        if discard_newer:
+            resume_checks.set_aside_newer(point)
     return plan, config, data, point

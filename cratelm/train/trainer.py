@@ -41,6 +41,7 @@ from cratelm.model.accounting import flops_per_token
 from cratelm.model.diagnostics import layer_diagnostics
 from cratelm.train import checkpoint as ckpt
 from cratelm.train import init_from
+from cratelm.train import validation
 from cratelm.train.ds_config import device_type
 from cratelm.train.engine import Engine, build_engine, full_model, init_distributed, quiet_deepspeed
 from cratelm.train.metrics import MetricsLogger, Window, console_line, peak_tflops
@@ -107,6 +108,10 @@ class Trainer:
             write_run_files(self.run_dir, cfg, self.ds_config, self.data.tokenizer)
             self._status("running")
 
+    def tokens(self) -> int:
+        """Tokens trained on: consumed samples x context (right across a global-batch change)."""
+        return self.sampler.consumed_samples * self.cfg.model.context
+
     def layout(self) -> dict[str, Any]:
         t = self.cfg.train
         return {"world_size": self.world, "pipeline_stages": t.pipeline_stages,
@@ -126,11 +131,10 @@ class Trainer:
                   flush=True)
 
     def evaluate(self) -> dict[str, float]:
-        """Mean val loss over ceil(eval_batches / dp) micro-batches per data-parallel rank."""
-        e = self.engine
-        k = math.ceil(self.cfg.train.eval_batches / e.dp_size)
-        vs = BatchSampler(self.data.val, self.plan.micro_batch, 1, e.dp_rank, e.dp_size, seed=self.cfg.data.seed)
-        mean = e.eval_loss(vs, k)
+        """Mean val loss over train.eval_windows windows, for any batch split (cratelm.train.validation)."""
+        e, n = self.engine, min(self.cfg.train.eval_windows, len(self.data.val))
+        mine = validation.share(self.data.val, n, self.cfg.data.seed, e.dp_rank, e.dp_size)
+        mean = e.eval_loss(self.data.val, mine, self.plan.micro_batch, n)
         return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0))}
 
     def diagnostics(self) -> list[dict[str, float]] | None:
@@ -144,7 +148,7 @@ class Trainer:
         t = self.cfg.train
         meta = {
             "step": self.step, "consumed_samples": self.sampler.consumed_samples,
-            "tokens": self.step * self.tokens_per_step, **self.layout(), "dp_size": self.engine.dp_size,
+            "tokens": self.tokens(), **self.layout(), "dp_size": self.engine.dp_size,
             "precision": t.precision, "global_batch": self.plan.global_batch,
             "lr": lr_at(max(0, self.step - 1), self.cfg.optim, t.max_steps), "skipped_steps": self.skipped,
             "model": dataclasses.asdict(self.cfg.model), "config": self.cfg.to_dict(),
@@ -219,7 +223,7 @@ class Trainer:
                 return EXIT_NAN
             if self.step % t.log_interval == 0 or self.step == t.max_steps or r.stop:
                 rec: dict[str, Any] = {"train/lr": lr, "train/skipped_steps": self.skipped,
-                                       "train/tokens": self.step * self.tokens_per_step}
+                                       "train/tokens": self.tokens()}
                 for key, value in (("train/grad_norm", grad_norm), ("train/loss_scale", e.loss_scale())):
                     if value is not None:
                         rec[key] = value
@@ -250,11 +254,11 @@ class Trainer:
         return EXIT_OK
 
 
-def train(cfg: JobConfig, resume: str | None = None, verbose: bool = False) -> Trainer:
+def train(cfg: JobConfig, resume: str | None = None, verbose: bool = False, discard_newer: bool = False) -> Trainer:
     """Check, start the process group if needed, train; returns the Trainer (``.exit_code``).
-    ``resume``: None (a fresh start), "auto" or a checkpoint / run directory. Raises ConfigError
-    before any process group starts."""
-    plan, config, data, point = prepare(cfg, resume)
+    ``resume``: None (a fresh start), "auto" or a checkpoint / run directory; ``discard_newer``:
+    move checkpoints newer than it aside. Raises ConfigError before any process group starts."""
+    plan, config, data, point = prepare(cfg, resume, discard_newer=discard_newer)
     cfg = init_from.resolve(cfg, data, point)         # train.init_from: checked and loaded (a fresh start only)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"cratelm: batch plan: global {plan.global_batch} = micro {plan.micro_batch} x accum "

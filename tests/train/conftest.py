@@ -30,7 +30,7 @@ TINY = {
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "decay_steps": 30, "weight_decay": 0.1,
               "grad_clip": 1.0},
     "train": {"precision": "fp32", "zero_stage": 0, "micro_batch": 2, "global_batch": 4, "max_steps": 5,
-              "log_interval": 1, "eval_interval": 0, "eval_batches": 2, "diag_interval": 0,
+              "log_interval": 1, "eval_interval": 0, "eval_windows": 8, "diag_interval": 0,
               "ckpt_interval": 0, "keep_last": 2, "seed": 7},
 }
 

@@ -140,10 +140,22 @@ def test_the_trainers_flags_reach_nccl_on_the_gpu(nccl):
     assert nccl == [(torch.float32, (3,), "SUM")] * 2 + [(torch.float32, (2,), "MAX")]
 
 
+class Windows:
+    """A TokenWindows' interface: stacked (x, y) of the given window indices."""
+
+    def get_batch(self, indices):
+        import numpy as np
+
+        return np.zeros((len(indices), 4), np.int64), np.zeros((len(indices), 4), np.int64)
+
+
 def test_the_validation_loss_reaches_nccl_on_the_gpu(nccl):
-    assert engine([1.0, 3.0]).eval_loss(BATCHES, 2) == 2.0                   # (1 + 3) x 2 ranks / (2 x 2)
-    assert engine([3.0], pipeline=True).eval_loss(BATCHES, 2) == 3.0         # 3 x 2 ranks / world 2
-    assert nccl == [(torch.float32, (1,), "SUM")] * 2
+    import numpy as np
+
+    mine = np.arange(4)                          # this rank's 4 of 8 windows, 2 per micro-batch
+    assert engine([1.0, 3.0]).eval_loss(Windows(), mine, 2, 8) == 2.0                  # (2 + 6) x 2 ranks / 8
+    assert engine([3.0], pipeline=True).eval_loss(Windows(), mine, 2, 8) == 3.0        # 3 x 4 x 2 ranks / 8
+    assert nccl == [(torch.float64, (1,), "SUM")] * 2
 
 
 def test_the_optimizers_nonfinite_check_reaches_nccl_on_the_gpu(nccl):

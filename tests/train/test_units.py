@@ -130,7 +130,7 @@ def test_fresh_start_into_a_run_with_checkpoints_is_refused(corpus, tmp_path, mo
     monkeypatch.setattr(trainer, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError))
     cfg = write_yaml(tmp_path / "c.yaml", job_config(corpus, tmp_path / "run"))
     assert trainer.main(["--config", str(cfg)]) == 2
-    assert "already holds checkpoints (newest: step_00000002); pass --resume auto" in capsys.readouterr().err
+    assert "already holds checkpoints (step_00000002); pass --resume auto" in capsys.readouterr().err
     assert trainer.main(["--config", str(cfg), "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no complete cratelm checkpoint" in capsys.readouterr().err
 
@@ -218,19 +218,22 @@ def test_latest_complete_checkpoint(tmp_path):
     assert ckpt.resolve(tmp_path) == b and ckpt.resolve(root) == b and ckpt.resolve(a) == a
     with pytest.raises(FileNotFoundError, match="incomplete checkpoint"):
         ckpt.resolve(c)
-    gone = ckpt.prune(root, keep_last=1)
-    assert sorted(gone) == [a, c] and b.exists()
+    d = _fake(root, 40, True)
+    gone = ckpt.prune(root, keep_last=1, current=d)
+    assert sorted(gone) == [a, b, c] and d.exists()           # older complete ones, and the interrupted write
 
 
-def test_prune_after_a_rewind_keeps_what_was_just_written(tmp_path):
+def test_prune_never_deletes_newer_or_unreadable_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
     old = [_fake(root, s, True) for s in (1000, 1500, 2000)]
-    # the run was resumed from step 1000 and has just written step 1100
-    now = _fake(root, 1100, True)
-    gone = ckpt.prune(root, keep_last=1, current=now)
-    assert now.exists() and sorted(gone) == sorted(old)           # 1500 / 2000 belong to the abandoned run
-    (root / "latest").write_text(now.name)
-    assert ckpt.latest_checkpoint(root) == now
+    (old[0] / ckpt.MARKER).write_text('{"complete": tr')           # damaged marker: kept, never "incomplete"
+    assert ckpt.marker_state(old[0]) == "unreadable" and ckpt.latest_checkpoint(root) == old[2]
+    now = _fake(root, 1100, True)                                 # a rewound run has just written step 1100
+    assert ckpt.prune(root, keep_last=1, current=now) == []
+    assert all(p.exists() for p in old)
+    later = _fake(root, 2500, True)
+    assert ckpt.prune(root, keep_last=2, current=later) == [now, old[1]]
+    assert old[0].exists() and old[2].exists()
 
 
 def test_rng_state_round_trip(tmp_path):
@@ -342,3 +345,67 @@ def test_paper_recipe():
     assert (o.lr, o.min_lr, o.warmup_steps, o.beta1, o.beta2, o.weight_decay, o.grad_clip) == \
         (6e-4, 6e-5, 2000, 0.9, 0.95, 0.1, 1.0)
     assert (t.global_batch, t.max_steps, t.precision) == (384, 600000, "bf16") and cfg.model.context == 1024
+
+
+# ----------------------------------------------------------------------------- validation set
+
+def test_validation_loss_is_the_same_for_every_batch_split(corpus):
+    """Same weights (float64), micro-batch x data-parallel splits -> the same val loss, equal to
+    the mean over the same windows one at a time."""
+    from cratelm.config import ModelConfig
+    from cratelm.data import TokenWindows
+    from cratelm.model.crate import CrateLM
+    from cratelm.train import validation
+
+    cfg = ModelConfig(**{**job_config(corpus, Path("unused"))["model"]})
+    model = CrateLM(cfg, seed=0).double().eval()
+    val = TokenWindows([str(corpus / "val.bin")], cfg.context, seed=3)
+    n = 13
+    ref = sum(validation.loss_sum(model, val, [i], 1, 1) for i in validation.share(val, n, 3, 0, 1)) / n
+    for micro, dp in [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (3, 2), (4, 2), (2, 4)]:
+        calls = validation.forward_calls(n, micro, dp)
+        got = sum(validation.loss_sum(model, val, validation.share(val, n, 3, r, dp), micro, calls)
+                  for r in range(dp)) / n
+        assert got == pytest.approx(ref, rel=1e-12), (micro, dp)
+    with pytest.raises(ConfigError, match="eval_windows=10 must be a multiple of micro_batch x data-parallel size"):
+        validation.check(10, 2, 2, pipeline=True)
+    validation.check(10, 2, 2, pipeline=False)
+
+
+def test_bf16_zero0_goes_through_torch_autocast(corpus, tmp_path):
+    for zero, stages, autocast in ((0, 1, True), (1, 1, False), (0, 2, False)):
+        cfg = cfg_of(corpus, tmp_path, train={"precision": "bf16", "zero_stage": zero, "pipeline_stages": stages,
+                                              "micro_batch": 1, "global_batch": 2})
+        if stages > 1:
+            with pytest.raises(ConfigError, match="needs ZeRO stage 1"):
+                ds_config(cfg, check_job(cfg, 2, "cpu"), "cpu")
+            continue
+        config = ds_config(cfg, check_job(cfg, 1, "cpu"), "cpu")
+        assert config["bf16"]["enabled"] is not autocast
+        assert config.get("torch_autocast", {}).get("enabled", False) is autocast
+
+
+def test_universal_layout_rules(tmp_path):
+    from cratelm.train import universal
+
+    two_z2 = {"world_size": 2, "pipeline_stages": 1, "zero_stage": 2}
+    assert universal.describe_change(two_z2, {**two_z2, "world_size": 1, "zero_stage": 1}) == \
+        "world size 2 -> 1, ZeRO stage 2 -> 1"
+    assert not universal.needs_universal(two_z2, two_z2)
+    assert not universal.needs_universal({**two_z2, "zero_stage": 0}, {**two_z2, "zero_stage": 0, "world_size": 4})
+    assert universal.needs_universal(two_z2, {**two_z2, "world_size": 4})
+    assert universal.canonical("3.blocks.2.mssa.U.weight") == "blocks.2.mssa.U.weight"
+    assert universal.canonical("tied_modules.embed.embed.wte.weight") == "embed.wte.weight"
+    assert universal.canonical("ln_f.weight") == "ln_f.weight"
+    with pytest.raises(ValueError, match="ZeRO-0 job.*_optim_states.pt"):
+        universal.check_convertible(tmp_path, {**two_z2, "zero_stage": 0}, {**two_z2, "zero_stage": 1, "world_size": 1})
+    with pytest.raises(ValueError, match="only a ZeRO optimizer can load"):
+        universal.check_convertible(tmp_path, two_z2, {**two_z2, "zero_stage": 0})
+    for i in range(3):
+        (tmp_path / f"layer_{i:02d}-model_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="Megatron's layer layout"):
+        universal.check_convertible(tmp_path, {**two_z2, "zero_stage": 1, "pipeline_stages": 2,
+                                               "universal_checkpoint_info": True}, {**two_z2, "zero_stage": 1})
+    with pytest.raises(ValueError, match="untrained copy of the tied embedding"):
+        universal.check_convertible(tmp_path, {**two_z2, "zero_stage": 1, "pipeline_stages": 2},
+                                    {**two_z2, "zero_stage": 1})
