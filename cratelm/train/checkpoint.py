@@ -102,7 +102,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """cratelm.json of a complete checkpoint."""
     state = marker_state(path)
     if state != "complete":
-        raise FileNotFoundError(f"{path} is not a complete cratelm checkpoint ({MARKER} {'missing' if state == 'incomplete' else 'unreadable'})")
+        why = "missing" if state == "incomplete" else "unreadable"
+        raise FileNotFoundError(f"{path} is not a complete cratelm checkpoint ({MARKER} {why})")
     return json.loads((Path(path) / MARKER).read_text())
 
 

@@ -149,7 +149,8 @@ def convert(path: str | os.PathLike, meta: dict[str, Any], quiet: bool = True) -
     for f in sorted(tmp.glob("*model_states.pt")):
         m = re.fullmatch(r"(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt", f.name)
         if m:
-            for alias in (f"mp_rank_{m.group(1)}_model_states.pt", f"zero_pp_rank_0_mp_rank_{m.group(1)}_model_states.pt"):
+            mp = m.group(1)
+            for alias in (f"mp_rank_{mp}_model_states.pt", f"zero_pp_rank_0_mp_rank_{mp}_model_states.pt"):
                 if not (tmp / alias).exists():
                     os.link(f, tmp / alias)
     write_atomic(tmp / DONE, (json.dumps({"source": path.name, "step": meta.get("step"),

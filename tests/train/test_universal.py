@@ -78,7 +78,8 @@ def test_convert_checkpoint_cli(runs, tmp_path):
     out = run_dir / "checkpoints" / "step_00000012" / "universal"
     assert f"wrote {out}" in proc.stdout
     assert (out / "zero" / "embed.wte.weight" / "exp_avg.pt").is_file()
-    assert (out / "mp_rank_00_model_states.pt").is_file() and (out / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    assert (out / "mp_rank_00_model_states.pt").is_file()
+    assert (out / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
 
 
 def test_bf16_zero0_accumulates_in_fp32_and_tracks_zero1(runs):
