@@ -27,7 +27,9 @@ What cratelm adds around DeepSpeed 0.19.8 (each a naming issue, no resharding of
   bias correction runs ahead): ``load`` puts the groups back and gives each its own step.
 - The universal ``zero/optimizer_state.pt`` holds the keys of the source's ZeRO stage only;
   cratelm adds the other loader's (``optimizer_state_dict`` with the step for ZeRO-3,
-  ``ds_version`` for ZeRO-1/2).
+  ``ds_version`` for ZeRO-1/2). From a ZeRO-3 source the per-parameter files are flat
+  tensors without a ``step.pt``, which the ZeRO-1/2 loader needs as ``{"param": tensor}``
+  in the parameter's shape (from the source's ``param_shapes``) and a step file: added.
 
 What cannot work, and why (refused before any process group, with this reason):
 
@@ -176,6 +178,18 @@ def _serve_every_stage(zero: Path) -> None:
     if "optimizer_state_dict" not in sd:
         step = safe_load(next(zero.glob("*/step.pt")))
         sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+    else:       # a ZeRO-3 source: flat tensors and no step file, which the ZeRO-1/2 loader needs
+        shapes: dict[str, Any] = {}
+        for m in zero.parent.glob("*model_states.pt"):
+            for group in safe_load(m).get("param_shapes", []):
+                shapes.update(group)
+        step = sd["optimizer_state_dict"]["state"][0]["step"]
+        for d in (d for d in zero.iterdir() if d.is_dir() and not (d / "step.pt").exists()):
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                t = safe_load(d / f"{key}.pt")
+                if isinstance(t, torch.Tensor):
+                    torch.save({"param": t.view(shapes[d.name])}, d / f"{key}.pt")
+            torch.save(step.clone() if isinstance(step, torch.Tensor) else step, d / "step.pt")
     buf = io.BytesIO()
     torch.save(sd, buf)
     write_atomic(f, buf.getvalue())
