@@ -141,7 +141,7 @@ def load_tokens(path: str, tokenizer, model_meta: dict) -> tuple[np.ndarray, int
     return np.asarray(ids, dtype=np.int64), len(raw), str(p)
 
 
-def _max_id(tokens, block: int = 1 << 24) -> int:
+def max_token_id(tokens, block: int = 1 << 24) -> int:
     """The largest id of a token array or memory-mapped stream, read a block at a time."""
     return max((int(np.max(tokens[i:i + block])) for i in range(0, len(tokens), block)), default=0)
 
@@ -155,7 +155,7 @@ def evaluate(model: torch.nn.Module, data: list[str], model_meta: dict, tokenize
     results = []
     for path in data:
         tokens, n_bytes, label = load_tokens(path, tokenizer, model_meta)
-        if (top := _max_id(tokens)) >= model.cfg.padded_vocab:
+        if (top := max_token_id(tokens)) >= model.cfg.padded_vocab:
             raise ValueError(f"{path} holds token id {top} but the model's vocabulary has "
                              f"{model.cfg.padded_vocab} rows")
         nll, n = score_stream(model, tokens, C, stride or C, batch_size, device, dtype, rank, world,

@@ -175,15 +175,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cratelm.checkpoints import load_model
-    from cratelm.evaluate import checked_tokenizer, load_tokens
+    from cratelm.evaluate import checked_tokenizer, load_tokens, max_token_id
 
     try:
         edit = [parse_unit(e) for e in args.edit]
         model, meta = load_model(args.checkpoint, args.device)
         tokenizer, meta = checked_tokenizer(args.tokenizer, meta, str(args.checkpoint))
         tokens, _, label = load_tokens(args.data, tokenizer, meta)
-        if tokens.max(initial=0) >= model.cfg.padded_vocab:
-            raise ValueError(f"{args.data} holds token id {int(tokens.max())} but the model's vocabulary has "
+        if (top := max_token_id(tokens)) >= model.cfg.padded_vocab:
+            raise ValueError(f"{args.data} holds token id {top} but the model's vocabulary has "
                              f"{model.cfg.padded_vocab} rows")
         report = inspect(model, tokens, args.out, args.tokens, args.window, args.batch_size, args.top_k,
                          edit_units=args.edit_units, edit=edit, tokenizer=tokenizer,
