@@ -25,7 +25,7 @@ test-gpu: setup
 demo: setup
 	$(PY) -m cratelm.demo $(DEMO_ARGS)
 
-# CRATE-GPT, CRATE-alpha, CRATE-LM and GPT-2 under one recipe on the stdlib corpus (~15 min on 2 cores)
+# CRATE-GPT, CRATE-alpha, CRATE-LM and GPT-2 under one recipe on the stdlib corpus (~10 min on 2 idle cores)
 compare: setup
 	$(PY) -m cratelm compare --preset cpu --out compare $(COMPARE_ARGS)
 

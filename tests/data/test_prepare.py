@@ -66,6 +66,8 @@ def read_shard_numpy(bin_path: pathlib.Path):
         assert local[0] == 0 and len(part_tokens) == local[-1]
         offsets.append(local[1:] + sum(map(len, tokens)))
         tokens.append(part_tokens)
+    if not tokens:                                   # no part drew a document for this split
+        return meta, np.zeros(0, np.uint16), offsets[0], dtype
     return meta, np.concatenate(tokens), np.concatenate(offsets), dtype
 
 
@@ -78,9 +80,11 @@ def decoded_docs(out: pathlib.Path, split: str, tok: Tokenizer) -> list[str]:
     return docs
 
 
-def test_round_trip_format_and_counts(tmp_path, tok_path):
+def test_round_trip_format_and_counts(tmp_path, tok_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)          # inputs named "in/...": the split draws do not depend on tmp_path
     out = tmp_path / "out"
-    s = prepare_corpus([str(write_docs(tmp_path / "in", DOCS))], out, tok_path, val=0.1, test=3, progress=False)
+    write_docs(tmp_path / "in", DOCS)
+    s = prepare_corpus(["in"], out, tok_path, val=0.1, test=3, progress=False)
     tok = Tokenizer(out / "tokenizer.model")
     assert tok.sha256 == Tokenizer(tok_path).sha256
     got = {name: decoded_docs(out, name, tok) for name in ("train", "val", "test")}
@@ -103,7 +107,7 @@ def test_round_trip_format_and_counts(tmp_path, tok_path):
         assert np.array_equal(ds.doc_offsets, offsets) and ds.num_bytes == sp["num_bytes"]
     assert (meta["num_tokens"], meta["num_documents"]) == (total_tokens, total_docs) == (s["tokens"], 40)
     assert meta["vocab_size"] == tok.vocab_size and meta["tokenizer"] == "tokenizer.model"
-    assert meta["tokenizer_sha256"] == tok.sha256 and meta["inputs"] == [str(tmp_path / "in")]
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["inputs"] == ["in"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert sorted(p.name for p in (out / "part-00000-of-00001").iterdir()) == [
         "part.json", "test.00000.bin", "test.idx", "train.00000.bin", "train.idx", "val.00000.bin", "val.idx"]
@@ -124,8 +128,10 @@ def test_script_writes_what_numpy_reads(tmp_path, tok_path):
     assert sorted(decoded_docs(out, "train", tok) + decoded_docs(out, "val", tok)) == sorted(DOCS)
 
 
-def test_splits_deterministic_disjoint_and_num_proc_independent(tmp_path, tok_path):
-    src = [str(write_docs(tmp_path / "in", DOCS))]
+def test_splits_deterministic_disjoint_and_num_proc_independent(tmp_path, tok_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)          # inputs named "in/...": the split draws do not depend on tmp_path
+    write_docs(tmp_path / "in", DOCS)
+    src = ["in"]
     kw = dict(val=0.2, test=0.1, progress=False)
     prepare_corpus(src, tmp_path / "a", tok_path, seed=1, num_proc=1, **kw)
     prepare_corpus(src, tmp_path / "b", tok_path, seed=1, num_proc=2, **kw)
@@ -142,22 +148,41 @@ def test_splits_deterministic_disjoint_and_num_proc_independent(tmp_path, tok_pa
     assert a["train"] == [d for d in DOCS if d in set(a["train"])]   # corpus order kept
 
 
-def test_split_sizes_by_fraction_and_count(tmp_path, tok_path):
+def test_the_documented_reader_reads_every_split_and_an_empty_one(tmp_path, tok_path):
+    """The numpy reader printed in docs/data-format.md, run as written: the same documents as
+    IndexedTokens, and an empty result for a split no part holds."""
+    text = (REPO / "docs/data-format.md").read_text(encoding="utf-8")
+    code = text.split("## Reading a split with numpy alone", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/data-format.md", "exec"), scope)
+    out = tmp_path / "out"
+    prepare_corpus([str(write_docs(tmp_path / "in", DOCS))], out, tok_path, val=2, progress=False)
+    for name in ("train", "val"):
+        meta, tokens, offsets, docs = scope["read_split"](out, name)
+        ds = IndexedTokens(out, name)
+        assert np.array_equal(tokens, ds.tokens[:]) and np.array_equal(offsets, ds.doc_offsets)
+        assert len(docs) == ds.num_documents and all(d[-1] == meta["eos_id"] for d in docs)
+    meta, tokens, offsets, docs = scope["read_split"](out, "test")
+    assert len(tokens) == 0 and offsets.tolist() == [0] and docs == []
+
+
+def test_split_sizes_by_fraction_and_count(tmp_path, tok_path, monkeypatch):
     """A fraction draws each document with that probability (from its own hash: the same on every
     machine); a count holds out exactly that many documents, the rest stays in input order."""
+    monkeypatch.chdir(tmp_path)          # input "d.jsonl": the draws do not depend on tmp_path
     lines = [json.dumps({"text": f"doc {i}"}) for i in range(2000)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    s = prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "f", tok_path, val=0.05, test=0.1, progress=False)
+    s = prepare_corpus(["d.jsonl"], tmp_path / "f", tok_path, val=0.05, test=0.1, progress=False)
     assert abs(s["splits"]["val"]["num_documents"] - 100) < 35 and abs(s["splits"]["test"]["num_documents"] - 200) < 45
-    s = prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "c", tok_path, val="7", test=5, progress=False)
+    s = prepare_corpus(["d.jsonl"], tmp_path / "c", tok_path, val="7", test=5, progress=False)
     assert [s["splits"][n]["num_documents"] for n in ("train", "val", "test")] == [1988, 7, 5]
     tok = Tokenizer(tok_path)
     val, test = decoded_docs(tmp_path / "c", "val", tok), decoded_docs(tmp_path / "c", "test", tok)
     assert val == sorted(val, key=lambda d: int(d.split()[1])) and not set(val) & set(test)
     with pytest.raises(ValueError, match="leave no training documents"):
-        prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "x", tok_path, val=0.5, test=0.5)
+        prepare_corpus(["d.jsonl"], tmp_path / "x", tok_path, val=0.5, test=0.5)
     with pytest.raises(ValueError, match="fraction"):
-        prepare_corpus([str(tmp_path / "d.jsonl")], tmp_path / "x", tok_path, val=1.5)
+        prepare_corpus(["d.jsonl"], tmp_path / "x", tok_path, val=1.5)
 
 
 def test_formats_dataset_and_hub(tmp_path, tok_path, monkeypatch):
