@@ -67,7 +67,7 @@ def read_task(task: Task, sources: list[Source], opts: ReadOptions, out: TaskDoc
     docs = Docs()
     for p, (i, start, stop) in enumerate(task.pieces):
         src = sources[i]
-        h = name_hash(src.name)
+        h = name_hash(src.identity)
 
         def add(text: Any, pos: int, line: int | None, where: str) -> None:
             if not isinstance(text, str) or not text:

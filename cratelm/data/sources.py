@@ -83,6 +83,13 @@ class Source:
     kind: str            # "text" | "jsonl" | "json" | "parquet" | "dataset" ("hub" while unloaded)
     name: str            # the path, or "hf:NAME" / "<datasets.Dataset>" for datasets
     dataset: Any = None  # a datasets.Dataset for kind == "dataset"
+    key: str | None = None   # the name its documents' split draws hash, when not ``name``
+
+    @property
+    def identity(self) -> str:
+        """What a document's split draw hashes with its position: the name as given, or for
+        the embedded corpus its path under the standard library (the same on every install)."""
+        return self.key or self.name
 
 
 def python_stdlib_files() -> tuple[Path, list[Path]]:
@@ -132,7 +139,8 @@ def resolve_inputs(inputs: list[Any] | None, corpus: str | None = None, *, hub_s
     if corpus is not None:
         if corpus not in CORPORA:
             raise BadInputError(f"corpus={corpus!r}: known corpora are {list(CORPORA)}")
-        sources += [Source("text", str(p)) for p in python_stdlib_files()[1]]
+        root, files = python_stdlib_files()
+        sources += [Source("text", str(p), key=f"{corpus}/{p.relative_to(root).as_posix()}") for p in files]
     for item in inputs or []:
         if not isinstance(item, (str, os.PathLike)):  # a datasets.Dataset (or anything with columns)
             sources.append(Source("dataset", f"<{type(item).__name__}>", item))

@@ -353,6 +353,25 @@ def test_python_stdlib_subset_is_deterministic(tmp_path):
     assert len(val) == 2 and all(d.strip() for d in val)
 
 
+def test_stdlib_splits_do_not_depend_on_where_python_is_installed(tmp_path, tok_path, monkeypatch):
+    """The embedded corpus's documents are named by their path under the standard library, so
+    the same files under two install prefixes give the same fraction split, byte for byte."""
+    from cratelm.data import sources
+    roots = [tmp_path / "usr" / "lib" / "python3", tmp_path / "opt" / "py" / "lib"]
+    for root in roots:
+        for i, d in enumerate(DOCS):
+            (root / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+            (root / f"pkg{i % 3}" / f"m{i:02d}.py").write_text(d, encoding="utf-8")
+    for k, root in enumerate(roots):
+        files = sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix())
+        monkeypatch.setattr(sources, "python_stdlib_files", lambda r=root, f=files: (r, f))
+        prepare_corpus(None, tmp_path / f"out{k}", tok_path, corpus="python-stdlib", val=0.3, test=0.2, progress=False)
+    for f in ("train.00000.bin", "train.idx", "val.00000.bin", "val.idx", "test.00000.bin", "test.idx"):
+        assert (tmp_path / "out0" / PART / f).read_bytes() == (tmp_path / "out1" / PART / f).read_bytes(), f
+    tok = Tokenizer(tok_path)
+    assert len(decoded_docs(tmp_path / "out0", "val", tok)) >= 5      # 40 documents, p = 0.3, fixed draws
+
+
 def test_scripts_stdlib_and_train_tokenizer(tmp_path):
     """The thin scripts run end to end (the stdlib one on a subset: --max-documents)."""
     out = tmp_path / "stdlib"
