@@ -1,9 +1,9 @@
 """Data preparation and sampling benchmarks: prints measured figures (docs/performance.md).
 
-    python -m cratelm.bench.data                      # throughput: short and long documents
+    python -m cratelm.bench.data                      # throughput (also python -m cratelm.data.bench)
     python -m cratelm.bench.data --rss 100e6 1e9      # peak resident memory of prepare-data by input size
     python -m cratelm.bench.data --sampler 1e6 1e9    # sampler start-up time and memory by window count
-    python cratelm/bench/data.py --quick              # the CI smoke run (tiny sizes)
+    python -m cratelm.bench.data --quick              # the CI smoke run (tiny sizes)
 
 Throughput: two corpora, read from files by `prepare_corpus` end to end (read, parse, tokenize,
 split, write) with 1 and 2 worker processes, against the naive loop over the same files (read

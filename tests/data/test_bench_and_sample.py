@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_data_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(REPO / "cratelm/bench/data.py"), "--quick", "--json", str(out)],
+    r = subprocess.run([sys.executable, "-m", "cratelm.data.bench", "--quick", "--json", str(out)],   # = cratelm.bench.data
                        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
