@@ -15,7 +15,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def encode_task(task: Task) -> Encoded:
 def encode_tasks(tasks: Iterable[Task], sources: list[Source], opts: ReadOptions, tokenizer: str, dtype: str,
                  seed: int, num_proc: int = 1) -> Iterator[tuple[Task, Encoded]]:
     """(task, its `Encoded`) for each task, in order, encoded by ``num_proc`` processes."""
-    plain = [Source(s.kind, s.name, key=s.key) for s in sources]      # datasets are read here, not pickled
+    plain = [replace(s, dataset=None) for s in sources]      # datasets are read here, not pickled
     args = (plain, opts, tokenizer, dtype, seed)
     if num_proc <= 1:
         _init(*args)
